@@ -1,0 +1,239 @@
+"""The ``dmf-export`` command line."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from dmf_export.errors import DMFExportError
+
+
+class _Group(click.Group):
+    """Turns DMFExportError (and other expected failures) into one line on stderr."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except DMFExportError as err:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"Error: {err}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.version_option(package_name="dmf-export")
+@click.pass_context
+def main(ctx, debug):
+    """Deploy DMF few-shot checkpoints (CVPR 2021) as TorchScript, ONNX and TensorRT.
+
+    \b
+    Typical use:
+      dmf-export inspect model.pth.tar
+      dmf-export export model.pth.tar --format onnx -o dmf.onnx
+      dmf-export verify dmf.onnx --checkpoint model.pth.tar
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def inspect(checkpoint, as_json):
+    """Read CHECKPOINT safely (no pickle code runs) and say what it is."""
+    from dmf_export.checkpoint import inspect_checkpoint
+
+    info = inspect_checkpoint(checkpoint)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        click.echo(f"{key:<{width}}  {value}")
+
+
+def _log(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _episode_options(way=5, shot=1, queries=75):
+    def decorate(fn):
+        fn = click.option("--queries", default=queries, show_default=True, type=click.IntRange(min=1),
+                          help="Query images per episode (example size; the graph stays dynamic).")(fn)
+        fn = click.option("--shot", default=shot, show_default=True, type=click.IntRange(min=1),
+                          help="Support images per class (example size).")(fn)
+        fn = click.option("--way", default=way, show_default=True, type=click.IntRange(min=1),
+                          help="Classes per episode (example size).")(fn)
+        return fn
+    return decorate
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--format", "-f", "fmt", required=True,
+              type=click.Choice(["torchscript", "onnx", "tensorrt"]), help="Artifact to write.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Output path (default: beside the checkpoint, named after it).")
+@click.option("--solver", default="rk4", show_default=True,
+              type=click.Choice(["euler", "midpoint", "heun2", "heun3", "rk4"]),
+              help="Fixed-step ODE method the alignment is unrolled with (rk4 = the original).")
+@click.option("--steps", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Equal steps over t ∈ [0, 1] (1 = the original).")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]))
+@click.option("--graph", default="episode", show_default=True, type=click.Choice(["episode", "split"]),
+              help="One episode graph, or an encoder and a head (encode a support set once).")
+@click.option("--onnx-flavor", default="standard", show_default=True, type=click.Choice(["standard", "plugin"]),
+              help="standard: ONNX DeformConv (stock onnxruntime); plugin: the TensorRT plugin's node.")
+@click.option("--groups", type=click.IntRange(min=1), help="Override the groups inferred from the weights.")
+@click.option("--kernel", type=click.Choice(["1", "3"]), help="Override the kernel inferred from the weights.")
+@_episode_options()
+@click.option("--image-size", default=84, show_default=True, type=click.IntRange(min=8),
+              help="Input height and width.")
+@click.option("--opset", default=19, show_default=True, type=click.IntRange(min=19), help="ONNX opset.")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@click.option("--verify/--no-verify", "run_verify", default=True, show_default=True,
+              help="Check the artifact against the eager model after writing it.")
+def export(checkpoint, fmt, output, solver, steps, precision, graph, onnx_flavor, groups, kernel,
+           way, shot, queries, image_size, opset, force, run_verify):
+    """Export CHECKPOINT as a TorchScript, ONNX or TensorRT artifact.
+
+    \b
+    Examples:
+      dmf-export export model.pth.tar -f onnx
+      dmf-export export model.pth.tar -f torchscript -o dmf.ts
+      dmf-export export model.pth.tar -f onnx --graph split --precision fp16
+    """
+    from dmf_export.export import ExportOptions, export_checkpoint
+
+    opts = ExportOptions(format=fmt, output=output, solver=solver, steps=steps, precision=precision,
+                         graph=graph, onnx_flavor=onnx_flavor, groups=groups,
+                         kernel=int(kernel) if kernel else None, way=way, shot=shot, queries=queries,
+                         image_size=image_size, opset=opset, force=force)
+    written = export_checkpoint(checkpoint, opts, log=_log)
+    for item in written:
+        click.echo(f"wrote {item.path} ({item.size_mb:.1f} MB, {item.seconds:.1f} s)")
+    if not run_verify:
+        return
+    if fmt == "onnx" and onnx_flavor == "plugin":
+        _log("skipping verify: the plugin-flavour graph runs in TensorRT (export --format tensorrt)")
+        return
+    if precision == "fp16" and not _gpu_available():
+        _log("skipping verify: fp16 artifacts run on a GPU; none here (verify it where one is)")
+        return
+    target = written[0].path
+    ok = _run_verify(str(target), checkpoint, provider="cuda" if precision == "fp16" and fmt == "onnx" else "cpu",
+                     device="cuda" if precision == "fp16" else "cpu")
+    if not ok:
+        sys.exit(1)
+
+
+def _gpu_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _run_verify(artifact, checkpoint, as_json=False, **kwargs) -> bool:
+    from dmf_export.verify import verify_artifact
+
+    if not as_json:
+        _log(f"verifying {artifact} against the eager model")
+    report = verify_artifact(artifact, checkpoint, log=(lambda _: None) if as_json else _log, **kwargs)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        tol = report.tolerance
+        verdict = "PASS" if report.passed else "FAIL"
+        click.echo(f"{verdict}: {report.backend} {report.precision}, {len(report.results)} episode sizes, "
+                   f"worst abs {max(r.max_abs for r in report.results):.2e}, "
+                   f"min agreement {min(r.agreement for r in report.results):.0%} "
+                   f"(rtol {tol.rtol:g}, atol {tol.atol:g}, agreement ≥ {tol.min_agreement:.0%})")
+    return report.passed
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(dir_okay=False))
+@click.option("--checkpoint", "-c", required=True, type=click.Path(dir_okay=False),
+              help="The checkpoint the artifact was exported from.")
+@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]),
+              help="onnxruntime execution provider (ONNX artifacts).")
+@click.option("--device", default="cpu", show_default=True, help="torch device (TorchScript artifacts).")
+@click.option("--sizes", help="Episode sizes, e.g. 5w1s10q,3w2s4q (default: a spread of sizes).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--rtol", type=float, help="Relative tolerance (default 1e-4 fp32, 1e-2 fp16).")
+@click.option("--atol", type=float, help="Absolute tolerance (default 1e-4 fp32, 1e-2 fp16).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
+def verify(artifact, checkpoint, provider, device, sizes, seed, rtol, atol, as_json):
+    """Run ARTIFACT and the eager model on the same seeded episodes and compare.
+
+    Exits 1 when any episode is outside the tolerances.
+    """
+    from dmf_export.contract import parse_sizes
+
+    try:
+        parsed = parse_sizes(sizes) if sizes else None
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--sizes")
+    ok = _run_verify(artifact, checkpoint, as_json=as_json, provider=provider, device=device,
+                     sizes=parsed, seed=seed, rtol=rtol, atol=atol)
+    if not ok:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("artifacts", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--checkpoint", "-c", required=True, type=click.Path(dir_okay=False),
+              help="The checkpoint (the eager original is timed from it).")
+@click.option("--sizes", default="5w1s75q", show_default=True, help="Episode sizes, comma-separated.")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch and onnxruntime.")
+@click.option("--no-eager", is_flag=True, help="Do not time the eager original (it is slow on a CPU).")
+@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]))
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench(artifacts, checkpoint, sizes, repeats, threads, no_eager, provider, device, as_json):
+    """Per-episode latency (min/median) of the eager model and of ARTIFACTS, side by side."""
+    import dataclasses
+
+    from dmf_export.bench import bench as run_bench
+    from dmf_export.contract import parse_sizes
+
+    try:
+        parsed = parse_sizes(sizes)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--sizes")
+    rows = run_bench(checkpoint, artifacts, parsed, repeats=repeats, eager=not no_eager,
+                     provider=provider, device=device, threads=threads,
+                     log=(lambda _: None) if as_json else _log)
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
+        return
+    click.echo(f"{'episode':<10} {'what':<40} {'min ms':>9} {'median ms':>10} {'vs eager':>9}")
+    for r in rows:
+        speed = f"{r.speedup:.2f}×" if r.speedup else ""
+        click.echo(f"{r.size:<10} {r.name[-40:]:<40} {r.min_s * 1e3:>9.1f} {r.median_s * 1e3:>10.1f} {speed:>9}")
+
+
+@main.command()
+@click.option("--out", "out_dir", default="dmf-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the demo checkpoint and artifacts.")
+@click.option("--groups", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--kernel", default="1", show_default=True, type=click.Choice(["1", "3"]))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--queries", default=15, show_default=True, type=click.IntRange(min=1),
+              help="Queries per benchmark episode (5-way 1-shot).")
+def demo(out_dir, groups, kernel, seed, queries):
+    """The whole job on an embedded default: a seeded checkpoint with RANDOM weights in the
+    original layout, exported to every format this machine supports, verified, timed."""
+    from pathlib import Path
+
+    from dmf_export.demo import run_demo
+
+    if not run_demo(Path(out_dir), groups=groups, kernel=int(kernel), seed=seed, queries=queries,
+                    log=_log, echo=click.echo):
+        sys.exit(1)

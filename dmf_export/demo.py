@@ -1,0 +1,61 @@
+"""``dmf-export demo``: the whole job on a seeded checkpoint with random weights."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dmf_export.contract import EpisodeSize
+
+
+def supported_formats() -> list[str]:
+    formats = ["torchscript", "onnx"]
+    if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
+        formats.append("tensorrt")
+    return formats
+
+
+def run_demo(out_dir: Path, *, groups: int = 64, kernel: int = 1, seed: int = 0, queries: int = 15,
+             log: Callable[[str], None] = print, echo: Callable[[str], None] = print) -> bool:
+    from dmf_export.bench import bench
+    from dmf_export.checkpoint import write_random_checkpoint
+    from dmf_export.export import ExportOptions, export_checkpoint
+    from dmf_export.verify import verify_artifact
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = out_dir / "dmf_random.pth.tar"
+    write_random_checkpoint(checkpoint, groups=groups, kernel=kernel, seed=seed)
+    log(f"wrote {checkpoint}: RANDOM weights (seed {seed}) in the original training code's layout, "
+        f"groups {groups}, kernel {kernel}; it classifies nothing, it exercises the pipeline")
+
+    rows = []
+    size = EpisodeSize(5, 1, queries)
+    for fmt in supported_formats():
+        opts = ExportOptions(format=fmt, output=str(out_dir / f"dmf{'.fp32' if fmt != 'tensorrt' else ''}"),
+                             force=True, queries=queries)
+        written = export_checkpoint(str(checkpoint), opts, log=log)[0]
+        log(f"verifying {written.path.name}")
+        report = verify_artifact(str(written.path), str(checkpoint), log=log)
+        rows.append([fmt, written, report])
+
+    log(f"timing a {size} episode (eager original vs artifacts, {torch.get_num_threads()} threads)")
+    timings = bench(str(checkpoint), [str(r[1].path) for r in rows], [size], repeats=3, log=log)
+    by_name = {t.name: t for t in timings}
+    eager = by_name["eager"]
+
+    echo("")
+    echo(f"{'format':<12} {'file':<28} {'MB':>6} {'export s':>9} {'parity':>7} {'worst abs':>10} "
+         f"{'ms/episode':>11} {'vs eager':>9}")
+    echo(f"{'eager':<12} {'(models/, torchdiffeq rk4)':<28} {'':>6} {'':>9} {'':>7} {'':>10} "
+         f"{eager.median_s * 1e3:>11.1f} {'1.00×':>9}")
+    ok = True
+    for fmt, written, report in rows:
+        t = by_name[str(written.path)]
+        ok &= report.passed
+        echo(f"{fmt:<12} {written.path.name:<28} {written.size_mb:>6.1f} {written.seconds:>9.1f} "
+             f"{'PASS' if report.passed else 'FAIL':>7} {max(r.max_abs for r in report.results):>10.1e} "
+             f"{t.median_s * 1e3:>11.1f} {t.speedup:>8.2f}×")
+    echo(f"\nartifacts in {out_dir}/ (episode: {size}, image 84×84, scores [Q, way])")
+    return ok

@@ -1,0 +1,48 @@
+"""How ``dmf::deform_conv2d`` is written into ONNX, in the two flavours.
+
+- ``standard``: the ONNX ``DeformConv`` operator (opset 19), so stock onnxruntime ≥ 1.25
+  runs the graph with nothing else installed. DMF's DCNv1 is DeformConv without mask
+  and bias.
+- ``plugin``: the project's own node, ``dmf::DMFDeformConv2d`` version 1, which the
+  TensorRT plugin in ``plugins/`` implements (TensorRT's ONNX parser falls back to the
+  plugin registry for nodes it does not know, by op type, ``plugin_version`` and
+  ``plugin_namespace``). Documented in ``plugins/README.md``.
+"""
+from __future__ import annotations
+
+import onnxscript
+from onnxscript import opset19 as op
+
+PLUGIN_DOMAIN = "dmf"
+PLUGIN_OP = "DMFDeformConv2d"
+PLUGIN_VERSION = "1"
+PLUGIN_NAMESPACE = ""
+FLAVORS = ("standard", "plugin")
+
+_plugin_opset = onnxscript.values.Opset(PLUGIN_DOMAIN, 1)
+
+
+def _standard(input, offset, weight, stride, padding, dilation, groups, offset_groups):
+    # DeformConv takes (X, W, offset); kernel_shape is inferred from W.
+    return op.DeformConv(
+        input, weight, offset,
+        strides=list(stride), pads=[padding[0], padding[1], padding[0], padding[1]],
+        dilations=list(dilation), group=groups, offset_group=offset_groups,
+    )
+
+
+def _plugin(input, offset, weight, stride, padding, dilation, groups, offset_groups):
+    return _plugin_opset.DMFDeformConv2d(
+        input, offset, weight,
+        stride=list(stride), padding=list(padding), dilation=list(dilation),
+        groups=groups, offset_groups=offset_groups,
+        plugin_version=PLUGIN_VERSION, plugin_namespace=PLUGIN_NAMESPACE,
+    )
+
+
+def translation_table(flavor: str) -> dict:
+    import torch
+
+    if flavor not in FLAVORS:
+        raise ValueError(f"unknown ONNX flavour {flavor!r}; choose from {', '.join(FLAVORS)}")
+    return {torch.ops.dmf.deform_conv2d.default: _standard if flavor == "standard" else _plugin}

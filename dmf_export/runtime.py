@@ -1,0 +1,142 @@
+"""Run an exported artifact on an episode: one small class per backend, same call.
+
+``open_artifact(path)`` reads the artifact's own metadata and returns a runner with
+``runner(support, support_labels, query) -> scores`` (torch tensors in, torch tensor
+out) and ``runner.info``. A split export is run by passing the encoder's path: the
+head is found beside it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dmf_export.contract import METADATA_KEY, ArtifactInfo
+from dmf_export.errors import DMFExportError
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def read_info(path: Path) -> ArtifactInfo:
+    path = Path(path)
+    if not path.is_file():
+        raise DMFExportError(f"{path}: no such file")
+    suffix = path.suffix
+    try:
+        if suffix == ".onnx":
+            import onnx
+
+            model = onnx.load(str(path), load_external_data=False)
+            meta = {p.key: p.value for p in model.metadata_props}
+            if METADATA_KEY not in meta:
+                raise DMFExportError(f"{path}: not an ONNX file written by dmf-export (no metadata)")
+            return ArtifactInfo.from_json(meta[METADATA_KEY])
+        if suffix in (".ts", ".pt"):
+            extra = {METADATA_KEY: ""}
+            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            if not extra[METADATA_KEY]:
+                raise DMFExportError(f"{path}: not a TorchScript file written by dmf-export")
+            return ArtifactInfo.from_json(extra[METADATA_KEY])
+        if suffix in (".engine", ".plan"):
+            from dmf_export.tensorrt import read_engine_info
+
+            return read_engine_info(path)
+    except DMFExportError:
+        raise
+    except Exception as err:
+        raise DMFExportError(f"{path}: cannot read it as a {suffix[1:]} artifact ({type(err).__name__}: "
+                             f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from err
+    raise DMFExportError(f"{path}: unknown artifact type {suffix!r} (expected .ts, .onnx or .engine)")
+
+
+def _split_partner(path: Path, info: ArtifactInfo) -> Path:
+    if info.graph != "encoder":
+        raise DMFExportError(f"{path} is the head of a split export: pass the encoder's path")
+    partner = path.with_name(path.name.replace(".encoder.", ".head.", 1))
+    if partner == path or not partner.is_file():
+        raise DMFExportError(f"{path} is a split encoder but its head {partner} is missing")
+    return partner
+
+
+class TorchScriptRunner:
+    backend = "torchscript"
+
+    def __init__(self, path: Path, info: ArtifactInfo, device: str = "cpu"):
+        import dmf_export  # noqa: F401  (registers dmf::deform_conv2d for the loaded graph)
+
+        self.info, self.device = info, torch.device(device)
+        self.dtype = torch.float16 if info.precision == "fp16" else torch.float32
+        if self.dtype == torch.float16 and self.device.type != "cuda":
+            raise DMFExportError(f"{path} is an fp16 TorchScript graph: run it on a GPU (--device cuda)")
+        load = lambda p: torch.jit.load(str(p), map_location=self.device).eval()  # noqa: E731
+        if info.graph == "episode":
+            self.episode = load(path)
+        else:
+            self.encoder, self.head = load(path), load(_split_partner(path, info))
+
+    @torch.inference_mode()
+    def __call__(self, support, support_labels, query):
+        args = [t.to(self.device, self.dtype) for t in (support, support_labels, query)]
+        if self.info.graph == "episode":
+            return self.episode(*args)
+        return self.head(self.encoder(args[0]), args[1], self.encoder(args[2]))
+
+
+class OnnxRunner:
+    backend = "onnxruntime"
+
+    def __init__(self, path: Path, info: ArtifactInfo, provider: str = "cpu", threads: int | None = None):
+        import onnxruntime as ort
+
+        if info.onnx_flavor == "plugin":
+            raise DMFExportError(f"{path} is a plugin-flavour ONNX graph (for TensorRT); "
+                                 "onnxruntime runs the standard flavour")
+        name = PROVIDERS.get(provider)
+        if name is None:
+            raise DMFExportError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
+        if name not in ort.get_available_providers():
+            raise DMFExportError(f"onnxruntime provider {provider!r} is not installed here "
+                                 "(pip install 'dmf-export[gpu]' for cuda/tensorrt)")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = lambda p: ort.InferenceSession(str(p), options, providers=[name])  # noqa: E731
+        self.info, self.provider = info, provider
+        self.np_dtype = np.float16 if info.precision == "fp16" else np.float32
+        if info.graph == "episode":
+            self.episode = session(path)
+        else:
+            self.encoder, self.head = session(path), session(_split_partner(path, info))
+
+    def _np(self, t):
+        return t.detach().cpu().numpy().astype(self.np_dtype, copy=False)
+
+    def __call__(self, support, support_labels, query):
+        support, labels, query = (self._np(t) for t in (support, support_labels, query))
+        if self.info.graph == "episode":
+            scores = self.episode.run(None, {"support": support, "support_labels": labels, "query": query})[0]
+        else:
+            encode = lambda x: self.encoder.run(None, {"images": x})[0]  # noqa: E731
+            scores = self.head.run(None, {"support_features": encode(support), "support_labels": labels,
+                                          "query_features": encode(query)})[0]
+        return torch.from_numpy(scores)
+
+
+def open_artifact(path, provider: str = "cpu", device: str = "cpu", threads: int | None = None):
+    path = Path(path)
+    info = read_info(path)
+    if info.format == "torchscript":
+        return TorchScriptRunner(path, info, device)
+    if info.format == "onnx":
+        return OnnxRunner(path, info, provider, threads)
+    if info.format == "tensorrt":
+        from dmf_export.tensorrt import EngineRunner
+
+        return EngineRunner(path)
+    raise DMFExportError(f"{path}: unknown artifact format {info.format!r}")

@@ -1,0 +1,85 @@
+"""Parity of an artifact with the eager original on seeded random episodes."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import torch
+
+from dmf_export.contract import TOLERANCES, VERIFY_SIZES, EpisodeSize, Tolerance, make_episode, unique
+
+
+@dataclasses.dataclass
+class SizeResult:
+    size: str
+    max_abs: float
+    max_rel: float
+    agreement: float
+    passed: bool
+
+
+@dataclasses.dataclass
+class Report:
+    artifact: str
+    backend: str
+    precision: str
+    tolerance: Tolerance
+    results: list[SizeResult]
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["passed"] = self.passed
+        return out
+
+
+def compare(scores: torch.Tensor, expected: torch.Tensor, tol: Tolerance, size: str) -> SizeResult:
+    """Elementwise |a − b| ≤ atol + rtol·|b| (numpy.allclose's rule) and arg-max agreement."""
+    scores, expected = scores.detach().double().cpu(), expected.detach().double().cpu()
+    if scores.shape != expected.shape:
+        return SizeResult(size, float("inf"), float("inf"), 0.0, False)
+    diff = (scores - expected).abs()
+    max_abs = float(diff.max()) if diff.numel() else 0.0
+    max_rel = float((diff / expected.abs().clamp_min(1e-12)).max()) if diff.numel() else 0.0
+    agreement = float((scores.argmax(1) == expected.argmax(1)).double().mean())
+    finite = bool(torch.isfinite(scores).all())
+    close = bool((diff <= tol.atol + tol.rtol * expected.abs()).all())
+    return SizeResult(size, max_abs, max_rel, agreement,
+                      finite and close and agreement >= tol.min_agreement)
+
+
+def verify_artifact(artifact: str, checkpoint: str, *, provider: str = "cpu", device: str = "cpu",
+                    sizes: Sequence[EpisodeSize] | None = None, seed: int = 0,
+                    rtol: float | None = None, atol: float | None = None,
+                    min_agreement: float | None = None,
+                    log: Callable[[str], None] = lambda _: None) -> Report:
+    from dmf_export.checkpoint import load_checkpoint
+    from dmf_export.runtime import open_artifact
+
+    runner = open_artifact(artifact, provider=provider, device=device)
+    info = runner.info
+    model = load_checkpoint(checkpoint, groups=info.groups, kernel=info.kernel)
+    default = TOLERANCES[info.precision]
+    tol = Tolerance(rtol if rtol is not None else default.rtol,
+                    atol if atol is not None else default.atol,
+                    min_agreement if min_agreement is not None else default.min_agreement)
+    if sizes is None:
+        sizes = list(VERIFY_SIZES)
+        if info.example:
+            example = EpisodeSize(**info.example)
+            # the export-time size, capped so the eager original stays quick on a CPU
+            sizes.insert(0, EpisodeSize(example.way, example.shot, min(example.queries, 15)))
+    results = []
+    for i, size in enumerate(unique(sizes)):
+        support, labels, query = make_episode(size, info.image_size, seed=seed + i)
+        with torch.inference_mode():
+            expected = model(support, labels, query)
+        scores = runner(support, labels, query)
+        result = compare(scores, expected, tol, str(size))
+        log(f"  {size}: max abs {result.max_abs:.2e}, max rel {result.max_rel:.2e}, "
+            f"agreement {result.agreement:.0%} {'ok' if result.passed else 'FAIL'}")
+        results.append(result)
+    return Report(str(artifact), getattr(runner, "backend", info.format), info.precision, tol, results)
