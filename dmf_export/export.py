@@ -191,9 +191,12 @@ def _quiet():
 
 
 def save_torchscript(module: torch.nn.Module, path: Path, info: ArtifactInfo) -> None:
-    scripted = torch.jit.script(module)
-    with atomic_path(path) as tmp:
-        torch.jit.save(scripted, str(tmp), _extra_files={METADATA_KEY: info.to_json()})
+    # TorchScript is deprecated upstream but remains what libtorch/C++ serving loads.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(module)
+        with atomic_path(path) as tmp:
+            torch.jit.save(scripted, str(tmp), _extra_files={METADATA_KEY: info.to_json()})
 
 
 def save_onnx(module: torch.nn.Module, path: Path, info: ArtifactInfo, example: tuple,
@@ -230,6 +233,8 @@ def export_checkpoint(checkpoint: str, opts: ExportOptions,
         from dmf_export.tensorrt import export_engine  # needs TensorRT; says so clearly
 
         return export_engine(checkpoint, opts, log)
+    if not Path(checkpoint).is_file():
+        raise DMFExportError(f"cannot read {checkpoint}: no such file")
     paths = output_paths(checkpoint, opts)
     _check_writable(paths, opts.force)
 

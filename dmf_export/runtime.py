@@ -7,6 +7,7 @@ head is found beside it.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,12 @@ PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
+
+
+def _jit_load(path, **kwargs):
+    with warnings.catch_warnings():  # TorchScript's deprecation notice is not the user's concern
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.load(str(path), **kwargs)
 
 
 def read_info(path: Path) -> ArtifactInfo:
@@ -38,7 +45,7 @@ def read_info(path: Path) -> ArtifactInfo:
             return ArtifactInfo.from_json(meta[METADATA_KEY])
         if suffix in (".ts", ".pt"):
             extra = {METADATA_KEY: ""}
-            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            _jit_load(path, map_location="cpu", _extra_files=extra)
             if not extra[METADATA_KEY]:
                 raise DMFExportError(f"{path}: not a TorchScript file written by dmf-export")
             return ArtifactInfo.from_json(extra[METADATA_KEY])
@@ -73,7 +80,7 @@ class TorchScriptRunner:
         self.dtype = torch.float16 if info.precision == "fp16" else torch.float32
         if self.dtype == torch.float16 and self.device.type != "cuda":
             raise DMFExportError(f"{path} is an fp16 TorchScript graph: run it on a GPU (--device cuda)")
-        load = lambda p: torch.jit.load(str(p), map_location=self.device).eval()  # noqa: E731
+        load = lambda p: _jit_load(p, map_location=self.device).eval()  # noqa: E731
         if info.graph == "episode":
             self.episode = load(path)
         else:
