@@ -1,0 +1,270 @@
+"""The deployment graph of a DMF episode, the one module every exporter starts from.
+
+``build_episode_graph(model)`` turns the eager DMF model (``dmf_export.models.DMF``)
+into a module that computes the same scores (exact in real arithmetic) in a form that
+``torch.jit.script`` and ``torch.export`` accept and that runs fast:
+
+- the backbone with batch norm folded into its convolutions;
+- prototypes as one-hotᵀ · features / counts;
+- the offset conv over cat(query, prototype) split by input channels into a query part
+  (once per query) and a prototype part (once per class), broadcast-added per pair;
+- the alignment function as element-wise products (no unfold, no batched matmul),
+  its ODE unrolled by ``dmf_export.solvers`` from the query features broadcast over
+  the classes, so the query is never copied per pair;
+- the score as one weighted sum.
+
+S, way and Q stay dynamic under ``torch.jit.script`` and ``torch.export``; H and W
+under ``torch.jit.script`` (the head also exports with dynamic h, w; the episode graph
+does not, because ``torch.export`` cannot prove the ceil-mode pooling's size guards).
+dtype follows the inputs and weights.
+"""
+from typing import Final, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dmf_export.errors import DMFExportError
+from dmf_export.solvers import FixedStepODE, check_steps, tableau
+
+FEATURE_CHANNELS = 640
+LEAKY_SLOPE = 0.1
+NORM_EPS = 1e-12
+
+
+# -- backbone ----------------------------------------------------------------------
+
+def fold_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """conv followed by eval-mode BN as one conv with bias (folded in float64)."""
+    with torch.no_grad():
+        weight = conv.weight.detach().double()
+        scale = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.detach().double()
+        shift = -bn.running_mean.detach().double()
+        if conv.bias is not None:
+            shift = shift + conv.bias.detach().double()
+        bias = shift * scale
+        if bn.bias is not None:
+            bias = bias + bn.bias.detach().double()
+        folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size,
+                           stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                           groups=conv.groups, bias=True, padding_mode=conv.padding_mode,
+                           device=conv.weight.device, dtype=conv.weight.dtype)
+        folded.weight.copy_(weight * scale.view(-1, 1, 1, 1))
+        folded.bias.copy_(bias)
+    return folded.requires_grad_(False)
+
+
+class FoldedBlock(nn.Module):
+    """A ResNet-12 block with BN folded: three 3×3 convs and a 1×1 shortcut, all with bias."""
+
+    pool: Final[bool]
+    negative_slope: Final[float] = LEAKY_SLOPE
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.conv1 = fold_batch_norm(block.conv1, block.bn1)
+        self.conv2 = fold_batch_norm(block.conv2, block.bn2)
+        self.conv3 = fold_batch_norm(block.conv3, block.bn3)
+        self.shortcut = fold_batch_norm(block.downsample[0], block.downsample[1])
+        self.pool = bool(block.pool)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.leaky_relu(self.conv1(x), self.negative_slope)
+        out = F.leaky_relu(self.conv2(out), self.negative_slope)
+        out = F.leaky_relu(self.conv3(out) + self.shortcut(x), self.negative_slope)
+        if self.pool:
+            # ceil_mode: 21 → 11 in the third block
+            out = F.max_pool2d(out, kernel_size=2, stride=2, padding=0, dilation=1,
+                               ceil_mode=True)
+        return out
+
+
+class Encoder(nn.Module):
+    """``images [N, 3, H, W] -> features [N, 640, h, w]``: ResNet-12, BN folded, eval."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.blocks = nn.Sequential(*[FoldedBlock(getattr(backbone, f"layer{n}")[0])
+                                      for n in range(1, 5)])
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.dim() != 4 or images.size(1) != 3:
+            raise ValueError("images must be [N, 3, H, W]")
+        return self.blocks(images)
+
+
+# -- alignment ODE -----------------------------------------------------------------
+
+class Alignment(FixedStepODE):
+    """dx/dt = relu(A(x, F)) with F constant, integrated over [0, 1] by a fixed-step solver.
+
+    The state x is ``[Q, way or 1, G, R, h, w]`` (channel g·R + r of pair q·way + k); it
+    starts as the query features ``[Q, 1, G, R, h, w]`` and broadcasts against the
+    filter taps. ``context`` holds the filter as taps ``[K, Q, way, G, 1, h, w]``
+    (``filter_taps``), prepared once per episode since dF/dt = 0.
+    """
+
+    kernel: Final[int]
+    groups: Final[int]
+
+    def __init__(self, groups: int, kernel: int, method: str = "rk4", steps: int = 1):
+        super().__init__(method, steps)
+        self.groups = groups
+        self.kernel = kernel
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}, kernel={self.kernel}, " + super().extra_repr()
+
+    @torch.jit.export
+    def filter_taps(self, meta_filter: Tensor, queries: int, way: int) -> Tensor:
+        """``[P, G·K, h, w] -> [K, Q, way, G, 1, h, w]``.
+
+        Quirk (DMF_SPEC.md point 5): the filter is read in its raw memory order as
+        Φ = [P, G, h·w, K], so for K = 9 tap k of position p is NOT channel g·9 + k.
+        """
+        height = meta_filter.size(2)
+        width = meta_filter.size(3)
+        taps = self.kernel * self.kernel
+        # flatten first: a plain split of one axis keeps dynamic h, w free of guards
+        phi = meta_filter.flatten(1).view(queries, way, self.groups, height, width, taps)
+        if taps == 1:
+            return phi.permute(5, 0, 1, 2, 3, 4).unsqueeze(4)
+        return phi.permute(5, 0, 1, 2, 3, 4).contiguous().unsqueeze(4)
+
+    def vector_field(self, y: Tensor, context: Tensor) -> Tensor:
+        if self.kernel == 1:
+            return torch.relu(y * context[0])
+        height = y.size(4)
+        width = y.size(5)
+        padded = F.pad(y, [1, 1, 1, 1])
+        # neighbour k = (i, j) of position (r, c) is (r + i - 1, c + j - 1), row-major taps
+        total = padded[:, :, :, :, 0:height, 0:width] * context[0]
+        for k in range(1, 9):
+            i = k // 3
+            j = k % 3
+            total = total + padded[:, :, :, :, i:i + height, j:j + width] * context[k]
+        return torch.relu(total)
+
+
+# -- head ----------------------------------------------------------------------------
+
+class EpisodeHead(nn.Module):
+    """``(support_features, support_labels, query_features) -> scores [Q, way]``."""
+
+    groups: Final[int]
+    kernel: Final[int]
+    channels: Final[int] = FEATURE_CHANNELS
+    norm_eps: Final[float] = NORM_EPS
+
+    def __init__(self, model: nn.Module, solver: str = "rk4", steps: int = 1):
+        super().__init__()
+        self.groups = int(model.groups)
+        self.kernel = int(model.kernel)
+        with torch.no_grad():
+            offset_weight = model.dw_gen.off_conv.weight.detach()
+            # cat(query, prototype) → 18 offsets: the conv is linear in its input channels,
+            # so it splits into a query part and a prototype part.
+            self.offset_query_weight = nn.Parameter(
+                offset_weight[:, :FEATURE_CHANNELS].clone(), requires_grad=False)
+            self.offset_prototype_weight = nn.Parameter(
+                offset_weight[:, FEATURE_CHANNELS:].clone(), requires_grad=False)
+            self.filter_weight = nn.Parameter(
+                model.dw_gen.kernel_conv.weight.detach().clone(), requires_grad=False)
+        self.offset_padding = int(model.dw_gen.off_conv.padding[0])
+        self.align = Alignment(self.groups, self.kernel, solver, steps)
+
+    def forward(self, support_features: Tensor, support_labels: Tensor,
+                query_features: Tensor) -> Tensor:
+        if (support_features.dim() != 4 or query_features.dim() != 4
+                or support_features.size(1) != self.channels
+                or query_features.size(1) != self.channels):
+            raise ValueError("support_features and query_features must be [N, 640, h, w]")
+        if (support_features.size(2) != query_features.size(2)
+                or support_features.size(3) != query_features.size(3)):
+            raise ValueError("support_features and query_features differ in spatial size")
+        if support_labels.dim() != 2 or support_labels.size(0) != support_features.size(0):
+            raise ValueError("support_labels must be one-hot [S, way] with one row per support")
+        queries = query_features.size(0)
+        channels = query_features.size(1)
+        height = query_features.size(2)
+        width = query_features.size(3)
+        labels = support_labels.to(support_features.dtype)
+        way = labels.size(1)
+
+        shots_per_class = labels.sum(0).unsqueeze(1)
+        prototypes = (labels.t() @ support_features.flatten(1)) / shots_per_class
+        prototypes = prototypes.view(way, channels, height, width)
+
+        # pair i = q·way + k (query-major): offsets[q, k] = query part[q] + prototype part[k]
+        query_offsets = F.conv2d(query_features, self.offset_query_weight,
+                                 padding=self.offset_padding)
+        prototype_offsets = F.conv2d(prototypes, self.offset_prototype_weight,
+                                     padding=self.offset_padding)
+        offsets = (query_offsets.unsqueeze(1) + prototype_offsets.unsqueeze(0)).flatten(0, 1)
+
+        # The deformable conv samples the prototype of each pair at that pair's offsets.
+        pair_prototypes = prototypes.unsqueeze(0).expand(queries, way, channels, height,
+                                                         width).flatten(0, 1)
+        meta_filter = torch.sigmoid(torch.ops.dmf.deform_conv2d(
+            pair_prototypes, offsets, self.filter_weight, [1, 1], [1, 1], [1, 1], 1, 1))
+
+        # x(0) = query, broadcast over the classes rather than copied per pair
+        query_state = query_features.view(queries, 1, self.groups, channels // self.groups,
+                                          height, width)
+        aligned = self.align(query_state, self.align.filter_taps(meta_filter, queries, way))
+
+        # score[q, k] = Σ_{ch,p} x1[q,k,ch,p] · mean_p(P̂[k,ch,p]) / ((h+2)(w+2)).
+        # Quirk: the original's padded 1×1 conv + spatial mean counts the zero border.
+        class_weights = F.normalize(prototypes, p=2.0, dim=1, eps=self.norm_eps).mean(dim=(2, 3))
+        border_area = (height + 2) * (width + 2)
+        aligned_sums = aligned.sum(dim=(4, 5)).flatten(2)  # [Q, way, 640]
+        return (aligned_sums * class_weights).sum(-1) / border_area
+
+
+# -- episode -------------------------------------------------------------------------
+
+class EpisodeGraph(nn.Module):
+    """``(support [S,3,H,W], support_labels [S,way], query [Q,3,H,W]) -> scores [Q, way]``.
+
+    ``.encoder`` and ``.head`` are the two halves of the split graph.
+    """
+
+    def __init__(self, encoder: Encoder, head: EpisodeHead):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, support: Tensor, support_labels: Tensor, query: Tensor) -> Tensor:
+        if support.dim() != 4 or query.dim() != 4:
+            raise ValueError("support and query must be [N, 3, H, W] images")
+        if support.shape[1:] != query.shape[1:]:
+            raise ValueError("support and query images differ in size")
+        if support_labels.dim() != 2 or support_labels.size(0) != support.size(0):
+            raise ValueError("support_labels must be one-hot [S, way] with one row per support image")
+        shots = support.size(0)
+        features = self.encoder(torch.cat([support, query], 0))
+        return self.head(features[:shots], support_labels, features[shots:])
+
+
+def build_episode_graph(model: nn.Module, solver: str = "rk4", steps: int = 1) -> EpisodeGraph:
+    """The deployment graph of an eager DMF model (``dmf_export.models.DMF``), in eval mode.
+
+    ``solver``/``steps``: the fixed-step method and number of steps on [0, 1]; the
+    defaults (rk4, 1 step) are the original. Weights keep the model's dtype and device.
+    """
+    tableau(solver)
+    check_steps(steps)
+    for name in ("groups", "kernel", "base", "dw_gen"):
+        if not hasattr(model, name):
+            raise DMFExportError(f"not a DMF model: it has no '{name}' (got {type(model).__name__})")
+    graph = EpisodeGraph(Encoder(model.base), EpisodeHead(model, solver, steps))
+    return graph.eval().requires_grad_(False)
+
+
+def build_split_graphs(model: nn.Module, solver: str = "rk4",
+                       steps: int = 1) -> Tuple[Encoder, EpisodeHead]:
+    """(encoder, head) of ``build_episode_graph``: features once, scores many times."""
+    graph = build_episode_graph(model, solver, steps)
+    return graph.encoder, graph.head
