@@ -1,0 +1,89 @@
+"""``dmf::deform_conv2d``: DCNv1 deformable convolution (forward only) as a PyTorch op.
+
+Importing this module loads (building on first use) the C++/CUDA library from ``csrc/``
+that defines the op, and registers what PyTorch needs around it: a fake (meta) kernel so
+``torch.export`` and the ONNX exporter can trace it with symbolic sizes, and an autograd
+formula that refuses to differentiate. Semantics: DMF_SPEC.md, "Deformable convolution".
+"""
+from __future__ import annotations
+
+from typing import List, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from dmf_export import _build
+from dmf_export.errors import DMFExportError
+
+__all__ = ["deform_conv2d", "build_info"]
+
+build_info: _build.BuildInfo = _build.load()
+
+IntPair = Union[int, Tuple[int, int], List[int]]
+
+
+def _pair(value: IntPair, name: str) -> List[int]:
+    # written so that TorchScript compiles it too (modules that call deform_conv2d script)
+    if isinstance(value, int):
+        return [value, value]
+    if isinstance(value, list):
+        values = [int(v) for v in value]
+    else:
+        values = [int(value[0]), int(value[1])] if len(value) == 2 else [0]
+    if len(values) != 2:
+        raise DMFExportError("deform_conv2d: " + name + " must be an int or a pair")
+    return values
+
+
+def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, stride: IntPair = 1,
+                  padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1,
+                  offset_groups: int = 1) -> Tensor:
+    """DCNv1 deformable convolution without bias or mask.
+
+    input ``[N, C, H, W]``, offset ``[N, 2*offset_groups*kh*kw, out_h, out_w]`` ((dy, dx)
+    per kernel tap, taps in row-major order), weight ``[O, C/groups, kh, kw]`` →
+    ``[N, O, out_h, out_w]``. CPU (float32, float64) and CUDA (float32, float16, float64).
+    """
+    return torch.ops.dmf.deform_conv2d(input, offset, weight, _pair(stride, "stride"),
+                                       _pair(padding, "padding"), _pair(dilation, "dilation"),
+                                       int(groups), int(offset_groups))
+
+
+@torch.library.register_fake("dmf::deform_conv2d")
+def _deform_conv2d_fake(input, offset, weight, stride, padding, dilation, groups, offset_groups):
+    torch._check(input.dim() == 4 and offset.dim() == 4 and weight.dim() == 4,
+                 lambda: "dmf::deform_conv2d: input, offset and weight must be 4-D")
+    n, channels, height, width = input.shape
+    out_channels, group_channels, kernel_h, kernel_w = weight.shape
+    torch._check(group_channels * groups == channels,
+                 lambda: f"dmf::deform_conv2d: weight {tuple(weight.shape)} does not fit "
+                         f"{channels} input channels in {groups} groups")
+    out_h = (height + 2 * padding[0] - (dilation[0] * (kernel_h - 1) + 1)) // stride[0] + 1
+    out_w = (width + 2 * padding[1] - (dilation[1] * (kernel_w - 1) + 1)) // stride[1] + 1
+    torch._check(offset.shape[1] == 2 * offset_groups * kernel_h * kernel_w,
+                 lambda: f"dmf::deform_conv2d: offset has {offset.shape[1]} channels, expected "
+                         f"2*offset_groups*kh*kw = {2 * offset_groups * kernel_h * kernel_w}")
+    return input.new_empty((n, out_channels, out_h, out_w))
+
+
+def _setup_context(ctx, inputs, output):
+    pass
+
+
+def _backward(ctx, grad_output):
+    raise DMFExportError("dmf::deform_conv2d is forward-only (inference export); no gradient")
+
+
+torch.library.register_autograd("dmf::deform_conv2d", _backward, setup_context=_setup_context)
+
+
+
+def _deform_conv2d_missing_cuda(input, offset, weight, stride, padding, dilation, groups,
+                                offset_groups):
+    raise DMFExportError(f"dmf::deform_conv2d was built without CUDA "
+                         f"({build_info.without_cuda_reason})")
+
+
+if not build_info.with_cuda:
+    # A clear message instead of the dispatcher's "could not run with the CUDA backend".
+    torch.library.register_kernel("dmf::deform_conv2d", "cuda", _deform_conv2d_missing_cuda)
