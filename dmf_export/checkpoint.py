@@ -1,0 +1,457 @@
+"""Reading DMF checkpoints safely, and writing seeded random ones.
+
+Checkpoints are read with ``torch.load(weights_only=True)``: no pickled code ever runs,
+for the PyTorch 1.4 legacy (non-zip) serialisation the released files use as well as
+for the zip format. Every failure is one ``DMFExportError`` line naming the file.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dmf_export.errors import DMFExportError
+
+CHANNELS = 640
+BLOCK_WIDTHS = (64, 160, 320, 640)
+WRAPPER_KEYS = ("state_dict", "acc", "epoch")
+DATAPARALLEL_PREFIX = "module."
+_BN_ENTRIES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_LIST_LIMIT = 6
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = 0x80
+
+
+# -- the layout of DMF_SPEC.md ---------------------------------------------------------
+
+def expected_shapes(groups: int, kernel: int, classes: int) -> dict[str, tuple[int, ...]]:
+    """Every entry of a DMF state dict and its shape (the int64 counters are scalars),
+    in the order the original's modules produce them."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    in_channels = 3
+    for layer, width in enumerate(BLOCK_WIDTHS, start=1):
+        block = f"base.layer{layer}.0."
+        shapes[f"{block}num_batches_tracked"] = ()  # the block's own buffer comes first
+        batch_norm = {entry: (() if entry == "num_batches_tracked" else (width,))
+                      for entry in _BN_ENTRIES}
+        for index in (1, 2, 3):
+            shapes[f"{block}conv{index}.weight"] = (width, width if index > 1 else in_channels,
+                                                   3, 3)
+            shapes.update({f"{block}bn{index}.{entry}": shape
+                           for entry, shape in batch_norm.items()})
+        shapes[f"{block}downsample.0.weight"] = (width, in_channels, 1, 1)
+        shapes.update({f"{block}downsample.1.{entry}": shape
+                       for entry, shape in batch_norm.items()})
+        in_channels = width
+    shapes["global_clasifier.weight"] = (classes, CHANNELS, 1, 1)
+    shapes["global_clasifier.bias"] = (classes,)
+    shapes["dw_gen.off_conv.weight"] = (18, 2 * CHANNELS, 5, 5)
+    shapes["dw_gen.kernel_conv.weight"] = (groups * kernel * kernel, CHANNELS, 3, 3)
+    return shapes
+
+
+def expected_keys() -> list[str]:
+    """The 104 state-dict entries of a DMF checkpoint, in the original's order."""
+    return list(expected_shapes(1, 1, 1))
+
+
+def _is_parameter(key: str) -> bool:
+    return not key.endswith(("running_mean", "running_var", "num_batches_tracked"))
+
+
+def infer_groups_kernel(out_channels: int, groups: int | None = None,
+                        kernel: int | None = None) -> tuple[int, int]:
+    """(groups, kernel) from ``kernel_conv.weight.shape[0]`` = G·kernel², per the spec.
+
+    K = 1 when O divides 640; K = 9 when O = 9·G with G dividing 640 (640 has no factor
+    3, so never both). A given ``groups``/``kernel`` must agree with O.
+    """
+    from dmf_export.models import check_groups_kernel
+
+    check_groups_kernel(groups, kernel)
+    if out_channels < 1:
+        raise DMFExportError("dw_gen.kernel_conv has no output channels")
+    if CHANNELS % out_channels == 0:
+        inferred = (out_channels, 1)
+    elif out_channels % 9 == 0 and CHANNELS % (out_channels // 9) == 0:
+        inferred = (out_channels // 9, 3)
+    else:
+        raise DMFExportError(
+            f"dw_gen.kernel_conv has {out_channels} output channels: not groups·kernel² "
+            f"for any groups dividing {CHANNELS} and kernel 1 or 3")
+    # O fixes both, so an override can only confirm them.
+    given = {name: value for name, value in (("groups", groups), ("kernel", kernel))
+             if value is not None}
+    if any(given[name] != value for name, value in zip(("groups", "kernel"), inferred)
+           if name in given):
+        shown = ", ".join(f"{name}={value}" for name, value in given.items())
+        raise DMFExportError(
+            f"{shown} does not fit dw_gen.kernel_conv's {out_channels} output channels "
+            f"(groups·kernel²; they mean groups={inferred[0]}, kernel={inferred[1]})")
+    return inferred
+
+
+# -- reading ---------------------------------------------------------------------------
+
+def _short_list(names) -> str:
+    names = list(names)
+    shown = ", ".join(names[:_LIST_LIMIT])
+    if len(names) > _LIST_LIMIT:
+        shown += f", … and {len(names) - _LIST_LIMIT} more"
+    return shown
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    match = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+    if match:
+        text = match.group(1)
+        text = text.split(" Please use")[0]
+    line = text.splitlines()[0] if text else ""
+    line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+    if len(line) > 120:  # torch's messages go on with advice; the first sentence says it
+        line = line.split(". ")[0]
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__
+
+
+def _sniff(path: Path) -> str:
+    """'zip' or 'legacy' from the first bytes; DMFExportError otherwise."""
+    if not path.exists():
+        raise DMFExportError(f"cannot read {path}: no such file")
+    if path.is_dir():
+        raise DMFExportError(f"cannot read {path}: it is a directory, not a checkpoint file")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as err:
+        raise DMFExportError(f"cannot read {path}: {err.strerror or err}") from None
+    if not head:
+        raise DMFExportError(f"cannot read {path}: the file is empty")
+    if head == _ZIP_MAGIC:
+        return "zip"
+    if head[0] == _PICKLE_PROTO:
+        return "legacy"
+    raise DMFExportError(
+        f"{path} is not a PyTorch checkpoint (neither the zip nor the legacy serialisation)")
+
+
+def _load_safely(path: Path, serialisation: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        message = str(err)
+        if "Weights only load failed" in message or "WeightsUnpickler" in message:
+            raise DMFExportError(
+                f"refusing to load {path}: it contains pickled code/objects that are not "
+                f"plain tensors ({_first_line(err)})") from None
+        raise DMFExportError(
+            f"cannot read {path}: truncated or corrupt {serialisation} checkpoint "
+            f"({_first_line(err)})") from None
+    except Exception as err:  # whatever torch.load trips over in a damaged file
+        if "Invalid magic number" in str(err):
+            raise DMFExportError(f"{path} is not a PyTorch checkpoint "
+                                 f"(a pickle, but not one torch.save wrote)") from None
+        raise DMFExportError(
+            f"cannot read {path}: truncated or corrupt {serialisation} checkpoint "
+            f"({_first_line(err)})") from None
+
+
+def _plain_number(value):
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def read_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state_dict without prefix, info): the file's tensors, read without running code.
+
+    ``info``: path, serialisation ('legacy'/'zip'), wrapped (the original's
+    {'state_dict', 'acc', 'epoch'} dict or a bare state dict), prefix ('' or
+    'module.'), and epoch/acc when the wrapper holds them. Only the container is
+    checked here; ``dmf_config`` checks that the entries are DMF's.
+    """
+    path = Path(path)
+    serialisation = _sniff(path)
+    content = _load_safely(path, serialisation)
+    info: dict = {"path": str(path), "serialisation": serialisation}
+    if isinstance(content, dict) and isinstance(content.get("state_dict"), dict):
+        state_dict = content["state_dict"]
+        info["wrapped"] = True
+        for key in ("epoch", "acc"):
+            value = _plain_number(content.get(key))
+            if value is not None:
+                info[key] = value
+        extra = [str(key) for key in content if key not in WRAPPER_KEYS]
+        if extra:
+            info["extra_keys"] = extra
+    elif isinstance(content, dict) and content and all(
+            isinstance(value, torch.Tensor) for value in content.values()):
+        state_dict = content
+        info["wrapped"] = False
+    else:
+        kind = f"a dict with keys {_short_list(map(repr, content))}" if isinstance(content, dict) \
+            else f"a {type(content).__name__}"
+        raise DMFExportError(
+            f"{path} is not a DMF checkpoint: expected a state dict or "
+            f"{{'state_dict': …, 'acc': …, 'epoch': …}}, found {kind}")
+    not_tensors = [str(key) for key, value in state_dict.items()
+                   if not isinstance(key, str) or not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise DMFExportError(
+            f"{path} is not a DMF checkpoint: state-dict entries that are not tensors: "
+            f"{_short_list(not_tensors)}")
+    prefix = ""
+    while state_dict and all(key.startswith(prefix + DATAPARALLEL_PREFIX) for key in state_dict):
+        prefix += DATAPARALLEL_PREFIX
+    if prefix:
+        state_dict = {key[len(prefix):]: value for key, value in state_dict.items()}
+    else:
+        state_dict = dict(state_dict)
+    info["prefix"] = prefix
+    return state_dict, info
+
+
+def dmf_config(state_dict: dict[str, torch.Tensor], groups: int | None = None,
+               kernel: int | None = None, path="checkpoint") -> tuple[int, int, int]:
+    """(groups, kernel, classes) of a DMF state dict; DMFExportError (naming ``path``)
+    listing missing / unexpected entries or wrong shapes otherwise."""
+    wanted = expected_keys()
+    missing = [key for key in wanted if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in set(wanted)]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({_short_list(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_short_list(unexpected)})")
+        raise DMFExportError(f"{path} is not a DMF checkpoint: entries " + "; ".join(parts))
+    kernel_conv = state_dict["dw_gen.kernel_conv.weight"]
+    if kernel_conv.dim() != 4:
+        raise DMFExportError(
+            f"{path} is not a DMF checkpoint: dw_gen.kernel_conv.weight has shape "
+            f"{list(kernel_conv.shape)}, expected [groups·kernel², 640, 3, 3]")
+    try:
+        groups, kernel = infer_groups_kernel(kernel_conv.shape[0], groups, kernel)
+    except DMFExportError as err:
+        raise DMFExportError(f"{path}: {err}") from None
+    classifier = state_dict["global_clasifier.weight"]
+    classes = classifier.shape[0] if classifier.dim() == 4 else -1
+    if classes == 0:
+        raise DMFExportError(f"{path} is not a DMF checkpoint: global_clasifier has no classes")
+    shapes = expected_shapes(groups, kernel, classes)
+    wrong = [f"{key} {list(state_dict[key].shape)} (expected {list(shape)})"
+             for key, shape in shapes.items() if tuple(state_dict[key].shape) != shape]
+    if wrong:
+        raise DMFExportError(
+            f"{path} is not a DMF checkpoint (groups={groups}, kernel={kernel}): "
+            f"{len(wrong)} entries of the wrong shape: {_short_list(wrong)}")
+    bad_dtype = [key for key, value in state_dict.items()
+                 if (key.endswith("num_batches_tracked") and value.is_floating_point())
+                 or (not key.endswith("num_batches_tracked") and not value.is_floating_point())]
+    if bad_dtype:
+        raise DMFExportError(f"{path} is not a DMF checkpoint: entries of an unexpected "
+                             f"dtype: {_short_list(bad_dtype)}")
+    return groups, kernel, classes
+
+
+def load_checkpoint(path, groups: int | None = None, kernel: int | None = None):
+    """The eager ``DMF`` model of a checkpoint: eval mode, float32, CPU, no gradients.
+
+    Reads the original ``{'state_dict', 'acc', 'epoch'}`` dict or a bare state dict,
+    legacy or zip serialisation, with or without DataParallel's ``module.`` prefix.
+    ``groups``/``kernel`` default to what ``dw_gen.kernel_conv`` implies.
+    """
+    from dmf_export.models import DMF
+
+    state_dict, _ = read_checkpoint(path)
+    groups, kernel, classes = dmf_config(state_dict, groups, kernel, path=path)
+    model = DMF(groups=groups, kernel=kernel, num_classes=classes)
+    model.load_state_dict(state_dict, strict=True)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def inspect_checkpoint(path) -> dict:
+    """What a checkpoint is, as a JSON-serialisable dict (``dmf-export inspect``)."""
+    state_dict, info = read_checkpoint(path)
+    groups, kernel, classes = dmf_config(state_dict, path=path)
+    dtypes = sorted({str(value.dtype).replace("torch.", "")
+                     for key, value in state_dict.items() if value.is_floating_point()})
+    report = {
+        "path": info["path"],
+        "serialisation": info["serialisation"],
+        "wrapped": info["wrapped"],
+        "prefix": info["prefix"],
+        "groups": groups,
+        "kernel": kernel,
+        "classes": classes,
+        "parameters": sum(value.numel() for key, value in state_dict.items() if _is_parameter(key)),
+        "entries": len(state_dict),
+        "dtype": ",".join(dtypes),
+        "size_bytes": Path(path).stat().st_size,
+    }
+    for key in ("epoch", "acc", "extra_keys"):
+        if key in info:
+            report[key] = info[key]
+    return report
+
+
+# -- writing ---------------------------------------------------------------------------
+
+def random_state_dict(groups: int = 64, kernel: int = 1, classes: int = 64,
+                      seed: int = 0) -> dict[str, torch.Tensor]:
+    """A seeded float32 DMF state dict (original layout) with random, non-degenerate weights.
+
+    Convolutions are kaiming-normal (fan-in, LeakyReLU(0.1) gain); BN affine parameters
+    are random around the identity, and the running statistics are those of seeded
+    normalised-image noise, perturbed (as a trained network's would be: activations stay
+    of order one). The head is scaled to the features' RMS: offsets of about a pixel,
+    meta-filter logits of order one (sigmoid not saturated). The backbone depends on
+    ``seed`` only, not on groups/kernel/classes.
+    """
+    infer_groups_kernel(groups * kernel * kernel, groups, kernel)
+    if classes < 1:
+        raise DMFExportError(f"classes must be positive, got {classes}")
+    backbone, feature_rms, generator_state = _random_backbone(seed)
+    generator = torch.Generator()
+    generator.set_state(generator_state)
+    state_dict = {key: value.clone() for key, value in backbone.items()}
+    shapes = expected_shapes(groups, kernel, classes)
+    fan_in = {key: math.prod(shapes[key][1:]) for key in shapes}
+    # each offset / filter logit sums fan_in terms weight × feature (RMS feature_rms)
+    state_dict["global_clasifier.weight"] = _normal(
+        shapes["global_clasifier.weight"], generator, 1.0 / math.sqrt(CHANNELS))
+    state_dict["global_clasifier.bias"] = _normal(shapes["global_clasifier.bias"], generator, 0.01)
+    for key, target in (("dw_gen.off_conv.weight", _OFFSET_RMS),
+                        ("dw_gen.kernel_conv.weight", _FILTER_LOGIT_RMS)):
+        std = target / (feature_rms * math.sqrt(fan_in[key]))
+        state_dict[key] = _normal(shapes[key], generator, std)
+    return state_dict
+
+
+# Targets for random heads: offsets of this RMS (pixels) and meta-filter logits of this
+# RMS (sigmoid' is still 0.2 at |logit| = 1).
+_OFFSET_RMS = 1.0
+_FILTER_LOGIT_RMS = 1.0
+_CALIBRATION_IMAGES = (8, 3, 32, 32)
+_LEAKY_GAIN = math.sqrt(2.0 / (1 + 0.1 ** 2))
+
+
+def _normal(shape, generator, std):
+    return torch.randn(shape, generator=generator) * std
+
+
+@functools.lru_cache(maxsize=1)
+def _random_backbone(seed: int):
+    """(backbone entries, feature RMS, generator state after them) for a seed; cached
+    because BN calibration costs a few backbone passes (callers get clones)."""
+    generator = torch.Generator().manual_seed(seed)
+    state_dict = {}
+    for key, shape in expected_shapes(64, 1, 1).items():
+        if not key.startswith("base."):
+            continue
+        name = key.rsplit(".", 1)[-1]
+        if name == "num_batches_tracked":
+            value = torch.randint(1, 100_000, (), generator=generator)
+        elif name == "weight" and len(shape) == 4:
+            value = _normal(shape, generator, _LEAKY_GAIN / math.sqrt(math.prod(shape[1:])))
+        elif name == "weight":
+            value = torch.rand(shape, generator=generator) + 0.5  # BN gamma in [0.5, 1.5)
+        elif name == "bias":
+            value = _normal(shape, generator, 0.1)
+        elif name == "running_mean":
+            value = torch.zeros(shape)  # set by the calibration
+        elif name == "running_var":
+            value = torch.ones(shape)
+        else:  # pragma: no cover - expected_shapes lists nothing else
+            raise AssertionError(key)
+        state_dict[key] = value.to(torch.long if name == "num_batches_tracked" else torch.float32)
+    feature_rms = _calibrate_batch_norm(state_dict, generator)
+    return state_dict, feature_rms, generator.get_state()
+
+
+def _calibrate_batch_norm(state_dict, generator) -> float:
+    """Set every BN's running statistics from seeded noise images, block by block; return
+    the RMS of the resulting backbone features."""
+    from dmf_export.models import ResNet12
+
+    backbone = ResNet12()
+    prefix = "base."
+    backbone.load_state_dict({key[len(prefix):]: value for key, value in state_dict.items()})
+    features = torch.randn(_CALIBRATION_IMAGES, generator=generator)
+
+    class _Captured(Exception):
+        pass
+
+    def capture(module, inputs, output):
+        raise _Captured(output)
+
+    for layer in range(1, 5):
+        block = getattr(backbone, f"layer{layer}")[0]
+        for conv, bn, name in ((block.conv1, block.bn1, "bn1"), (block.conv2, block.bn2, "bn2"),
+                               (block.conv3, block.bn3, "bn3"),
+                               (block.downsample[0], block.downsample[1], "downsample.1")):
+            handle = conv.register_forward_hook(capture)
+            try:
+                with torch.no_grad():
+                    block(features)
+                raise AssertionError("calibration hook did not fire")  # pragma: no cover
+            except _Captured as captured:
+                conv_output = captured.args[0]
+            finally:
+                handle.remove()
+            mean = conv_output.mean(dim=(0, 2, 3))
+            var = conv_output.var(dim=(0, 2, 3))
+            jitter_mean = torch.randn(mean.shape, generator=generator) * 0.1
+            jitter_var = torch.rand(var.shape, generator=generator) * 0.45 + 0.8
+            key = f"{prefix}layer{layer}.0.{name}."
+            state_dict[key + "running_mean"] = mean + jitter_mean * var.sqrt()
+            state_dict[key + "running_var"] = (var * jitter_var).clamp_min(1e-3)
+            bn.running_mean.copy_(state_dict[key + "running_mean"])
+            bn.running_var.copy_(state_dict[key + "running_var"])
+        with torch.no_grad():
+            features = block(features)
+    return float(features.pow(2).mean().sqrt())
+
+
+def write_random_checkpoint(path, groups: int = 64, kernel: int = 1, classes: int = 64,
+                            seed: int = 0, legacy: bool = True, bare: bool = False,
+                            prefix: str = "") -> Path:
+    """Write a seeded checkpoint in the original layout with random weights (atomically).
+
+    ``legacy`` uses the PyTorch 1.4 (non-zip) serialisation the released files have;
+    ``bare`` saves the state dict alone instead of ``{'state_dict', 'acc', 'epoch'}``;
+    ``prefix`` (e.g. ``'module.'``) is prepended to every key. ``acc`` and ``epoch`` are 0:
+    nothing was trained.
+    """
+    path = Path(path)
+    state_dict = {prefix + key: value
+                  for key, value in random_state_dict(groups, kernel, classes, seed).items()}
+    content = state_dict if bare else {"state_dict": state_dict, "acc": 0.0, "epoch": 0}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.",
+                                         suffix=".tmp", delete=False)
+    try:
+        with handle:
+            torch.save(content, handle, _use_new_zipfile_serialization=not legacy)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        try:
+            os.unlink(handle.name)
+        except OSError:
+            pass
+        raise
+    return path

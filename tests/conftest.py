@@ -1,0 +1,71 @@
+"""Shared fixtures: seeded DMF weights, episodes and checkpoint files.
+
+Kept general (no test module's specifics) so every test file can use them. Tests run
+from a checkout without installation: the repository root goes on ``sys.path``.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+_STATE_DICTS: dict = {}
+
+
+@pytest.fixture(scope="session")
+def dmf_state_dict():
+    """``dmf_state_dict(groups=64, kernel=1, classes=64, seed=0)`` → a seeded random DMF
+    state dict (original layout, float32), cached for the session; do not modify it."""
+    from dmf_export.checkpoint import random_state_dict
+
+    def make(groups=64, kernel=1, classes=64, seed=0):
+        key = (groups, kernel, classes, seed)
+        if key not in _STATE_DICTS:
+            _STATE_DICTS[key] = random_state_dict(groups, kernel, classes, seed)
+        return _STATE_DICTS[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_episode():
+    """``make_episode(way=5, shot=1, queries=3, size=32, seed=0, shuffle=True,
+    dtype=torch.float32, query_noise=None)`` → (support [S,3,size,size], one-hot labels
+    [S,way], query [Q,3,size,size]) of unit-variance noise images. With ``shuffle`` the
+    support is not in class order; with ``query_noise`` = σ each query is a random support
+    image mixed with noise, √(1-σ²)·image + σ·noise (so scores have a clearer winner)."""
+
+    def make(way=5, shot=1, queries=3, size=32, seed=0, shuffle=True, dtype=torch.float32,
+             query_noise=None):
+        generator = torch.Generator().manual_seed(seed)
+        classes = torch.arange(way).repeat(shot)
+        if shuffle:
+            classes = classes[torch.randperm(classes.numel(), generator=generator)]
+        labels = torch.nn.functional.one_hot(classes, way).to(dtype)
+        support = torch.randn(classes.numel(), 3, size, size, generator=generator, dtype=dtype)
+        query = torch.randn(queries, 3, size, size, generator=generator, dtype=dtype)
+        if query_noise is not None:
+            pick = torch.randint(0, classes.numel(), (queries,), generator=generator)
+            query = support[pick] * (1 - query_noise ** 2) ** 0.5 + query * query_noise
+        return support, labels, query
+
+    return make
+
+
+@pytest.fixture
+def checkpoint_file(tmp_path):
+    """``checkpoint_file(name="dmf.pth.tar", **write_random_checkpoint kwargs)`` → a path
+    in this test's temporary folder holding a seeded random checkpoint."""
+    from dmf_export.checkpoint import write_random_checkpoint
+
+    def make(name="dmf.pth.tar", **kwargs):
+        return write_random_checkpoint(tmp_path / name, **kwargs)
+
+    return make
