@@ -76,7 +76,7 @@ def verify_artifact(artifact: str, checkpoint: str, *, provider: str = "cpu", de
     for i, size in enumerate(unique(sizes)):
         support, labels, query = make_episode(size, info.image_size, seed=seed + i)
         with torch.inference_mode():
-            expected = model(support, labels, query)
+            expected = model(support, labels, query, method=info.solver, steps=info.steps)
         scores = runner(support, labels, query)
         result = compare(scores, expected, tol, str(size))
         log(f"  {size}: max abs {result.max_abs:.2e}, max rel {result.max_rel:.2e}, "

@@ -1,0 +1,150 @@
+"""The command line: what a user sees for good and bad input."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+
+from dmf_export.cli import main
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from dmf_export.checkpoint import write_random_checkpoint
+
+    return write_random_checkpoint(tmp_path_factory.mktemp("cli") / "m.pth.tar", seed=3)
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def one_error_line(output: str) -> str:
+    """Progress lines may come first; the error is one line, the last, with no traceback."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error")]
+    assert len(errors) == 1 and lines[-1] == errors[0], output
+    assert "Traceback" not in output
+    return errors[0]
+
+
+def test_help_lists_every_command():
+    code, out = run("--help")
+    assert code == 0
+    for command in ("inspect", "export", "verify", "bench", "demo"):
+        assert command in out
+
+
+def test_export_help_teaches_the_main_switches():
+    code, out = run("export", "--help")
+    assert code == 0
+    for switch in ("--format", "--solver", "--steps", "--precision", "--graph", "--onnx-flavor",
+                   "--groups", "--kernel", "--way", "--shot", "--queries", "--force", "--no-verify"):
+        assert switch in out
+
+
+def test_export_writes_verifies_and_reports(checkpoint, tmp_path):
+    target = tmp_path / "m.onnx"
+    code, out = run("export", checkpoint, "-f", "onnx", "-o", target, "--image-size", 32)
+    assert code == 0, out
+    assert target.is_file() and f"wrote {target}" in out and "PASS" in out
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no temporaries left
+
+
+def test_export_refuses_to_overwrite_without_force(checkpoint, tmp_path):
+    target = tmp_path / "m.ts"
+    target.write_text("precious")
+    code, out = run("export", checkpoint, "-f", "torchscript", "-o", target, "--no-verify")
+    assert code != 0 and "--force" in one_error_line(out)
+    assert target.read_text() == "precious"
+    code, out = run("export", checkpoint, "-f", "torchscript", "-o", target, "--no-verify", "--force")
+    assert code == 0, out
+    assert target.stat().st_size > 1_000_000
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["export", "{missing}", "-f", "onnx"], "no such file"),
+    (["export", "{ckpt}", "-f", "onnx", "-o", "/nonexistent-dir/x.onnx"], "does not exist"),
+    (["export", "{text}", "-f", "onnx", "-o", "{tmp}/x.onnx"], ""),
+    (["verify", "{missing}", "-c", "{ckpt}"], "no such file"),
+    (["verify", "{text}", "-c", "{ckpt}"], "unknown artifact type"),
+    (["inspect", "{text}"], ""),
+])
+def test_bad_input_is_one_line_and_a_nonzero_exit(checkpoint, tmp_path, args, needle):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a model\n")
+    fill = {"missing": tmp_path / "missing.pth.tar", "ckpt": checkpoint, "text": text, "tmp": tmp_path}
+    code, out = run(*[a.format(**fill) for a in args])
+    assert code != 0
+    line = one_error_line(out)
+    assert needle.lower() in line.lower()
+    assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["export", "{ckpt}", "-f", "keras"],
+    ["export", "{ckpt}", "-f", "onnx", "--way", "0"],
+    ["export", "{ckpt}", "-f", "onnx", "--steps", "0"],
+    ["verify", "{ckpt}", "-c", "{ckpt}", "--sizes", "5w1s"],
+    ["bench", "-c", "{ckpt}", "--sizes", "five"],
+])
+def test_bad_options_are_usage_errors(checkpoint, args):
+    code, out = run(*[a.format(ckpt=checkpoint) for a in args])
+    assert code == 2 and "Traceback" not in out and "Error" in out
+
+
+def test_unwritable_folder_is_refused(checkpoint, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root can write anywhere; the permission check cannot be exercised")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    code, out = run("export", checkpoint, "-f", "onnx", "-o", locked / "x.onnx")
+    assert code != 0 and "not writable" in one_error_line(out)
+
+
+def test_a_failed_export_leaves_nothing_behind(checkpoint, tmp_path, monkeypatch):
+    import dmf_export.export as export_module
+
+    def broken(module, path, info, *args):
+        with export_module.atomic_path(path) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("disk full")
+
+    monkeypatch.setattr(export_module, "save_torchscript", broken)
+    code, out = run("export", checkpoint, "-f", "torchscript", "-o", tmp_path / "x.ts", "--no-verify")
+    assert code != 0 and "disk full" in one_error_line(out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_json_reports_every_size(checkpoint, tmp_path):
+    target = tmp_path / "m.ts"
+    assert run("export", checkpoint, "-f", "torchscript", "-o", target, "--image-size", 32, "--no-verify")[0] == 0
+    code, out = run("verify", target, "-c", checkpoint, "--sizes", "3w1s2q,2w2s1q", "--json")
+    assert code == 0, out
+    report = json.loads(out)
+    assert report["passed"] is True and [r["size"] for r in report["results"]] == ["3w1s2q", "2w2s1q"]
+    assert all(r["max_abs"] < 1e-4 and r["agreement"] == 1.0 for r in report["results"])
+
+
+def test_verify_fails_with_exit_1_when_the_artifact_disagrees(checkpoint, tmp_path):
+    from dmf_export.checkpoint import write_random_checkpoint
+
+    target = tmp_path / "m.ts"
+    other = write_random_checkpoint(tmp_path / "other.pth.tar", seed=99)
+    assert run("export", other, "-f", "torchscript", "-o", target, "--image-size", 32, "--no-verify")[0] == 0
+    code, out = run("verify", target, "-c", checkpoint, "--sizes", "3w1s2q")
+    assert code == 1 and "FAIL" in out
+
+
+def test_tensorrt_without_tensorrt_is_one_clear_line(checkpoint, tmp_path):
+    pytest.importorskip("onnx")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    code, out = run("export", checkpoint, "-f", "tensorrt", "-o", tmp_path / "m.engine")
+    assert code != 0 and "TensorRT" in one_error_line(out)
