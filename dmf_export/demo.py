@@ -41,7 +41,8 @@ def run_demo(out_dir: Path, *, groups: int = 64, kernel: int = 1, seed: int = 0,
         rows.append([fmt, written, report])
 
     log(f"timing a {size} episode (eager original vs artifacts, {torch.get_num_threads()} threads)")
-    timings = bench(str(checkpoint), [str(r[1].path) for r in rows], [size], repeats=3, log=log)
+    timings = bench(str(checkpoint), [str(r[1].path) for r in rows], [size], repeats=3, backbone=False,
+                    log=log)
     by_name = {t.name: t for t in timings}
     eager = by_name["eager"]
 

@@ -87,6 +87,11 @@ class TorchScriptRunner:
             self.encoder, self.head = load(path), load(_split_partner(path, info))
 
     @torch.inference_mode()
+    def encode(self, images):
+        """Backbone features of a split export's encoder."""
+        return self.encoder(images.to(self.device, self.dtype))
+
+    @torch.inference_mode()
     def __call__(self, support, support_labels, query):
         args = [t.to(self.device, self.dtype) for t in (support, support_labels, query)]
         if self.info.graph == "episode":
@@ -123,6 +128,10 @@ class OnnxRunner:
 
     def _np(self, t):
         return t.detach().cpu().numpy().astype(self.np_dtype, copy=False)
+
+    def encode(self, images):
+        """Backbone features of a split export's encoder."""
+        return torch.from_numpy(self.encoder.run(None, {"images": self._np(images)})[0])
 
     def __call__(self, support, support_labels, query):
         support, labels, query = (self._np(t) for t in (support, support_labels, query))

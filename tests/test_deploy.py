@@ -129,7 +129,7 @@ def test_solver_choice_matches_eager_model_with_that_torchdiffeq_solver(
     model, _ = dmf(64, 3)
     graph = build_episode_graph(model, solver=method, steps=steps)
 
-    def align(query_pairs, meta_filter):
+    def align(query_pairs, meta_filter, *_):  # the solver here, not the model's own choice
         times = torch.tensor([0.0, 1.0], dtype=query_pairs.dtype)
         return odeint(model.alignment, (query_pairs, meta_filter), times, method=method,
                       options={"step_size": 1.0 / steps})[0][1]
