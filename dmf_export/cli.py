@@ -193,11 +193,21 @@ def verify(artifact, checkpoint, provider, device, sizes, seed, rtol, atol, as_j
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch and onnxruntime.")
 @click.option("--no-eager", is_flag=True, help="Do not time the eager original (it is slow on a CPU).")
+@click.option("--no-backbone", is_flag=True, help="Do not time the eager backbone alone.")
 @click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]))
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def bench(artifacts, checkpoint, sizes, repeats, threads, no_eager, provider, device, as_json):
-    """Per-episode latency (min/median) of the eager model and of ARTIFACTS, side by side."""
+def bench(artifacts, checkpoint, sizes, repeats, threads, no_eager, no_backbone, provider, device,
+          as_json):
+    """Per-episode latency (min/median) and peak memory of the eager model and of
+    ARTIFACTS, side by side on the same episodes.
+
+    \b
+    The eager backbone and the encoder of a split export (pass its .encoder. file) are
+    also timed alone on the episode's S + Q images: the floor an episode graph can reach.
+    Example:
+      dmf-export bench m.onnx m.encoder.onnx m.ts -c m.pth.tar --sizes 5w1s75q,5w5s75q --threads 2
+    """
     import dataclasses
 
     from dmf_export.bench import bench as run_bench
@@ -208,15 +218,17 @@ def bench(artifacts, checkpoint, sizes, repeats, threads, no_eager, provider, de
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--sizes")
     rows = run_bench(checkpoint, artifacts, parsed, repeats=repeats, eager=not no_eager,
-                     provider=provider, device=device, threads=threads,
+                     backbone=not no_backbone, provider=provider, device=device, threads=threads,
                      log=(lambda _: None) if as_json else _log)
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
         return
-    click.echo(f"{'episode':<10} {'what':<40} {'min ms':>9} {'median ms':>10} {'vs eager':>9}")
+    click.echo(f"{'episode':<10} {'what':<44} {'min ms':>9} {'median ms':>10} {'vs eager':>9} {'peak MB':>8}")
     for r in rows:
         speed = f"{r.speedup:.2f}×" if r.speedup else ""
-        click.echo(f"{r.size:<10} {r.name[-40:]:<40} {r.min_s * 1e3:>9.1f} {r.median_s * 1e3:>10.1f} {speed:>9}")
+        peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "?"
+        click.echo(f"{r.size:<10} {r.name[-44:]:<44} {r.min_s * 1e3:>9.1f} {r.median_s * 1e3:>10.1f} "
+                   f"{speed:>9} {peak:>8}")
 
 
 @main.command()

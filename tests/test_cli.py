@@ -148,3 +148,23 @@ def test_tensorrt_without_tensorrt_is_one_clear_line(checkpoint, tmp_path):
         pass
     code, out = run("export", checkpoint, "-f", "tensorrt", "-o", tmp_path / "m.engine")
     assert code != 0 and "TensorRT" in one_error_line(out)
+
+
+def test_bench_json_times_eager_backbone_and_each_artifact_on_the_same_episode(checkpoint, tmp_path):
+    episode, split = tmp_path / "m.ts", tmp_path / "s.onnx"
+    assert run("export", checkpoint, "-f", "torchscript", "-o", episode, "--image-size", 32, "--no-verify")[0] == 0
+    assert run("export", checkpoint, "-f", "onnx", "--graph", "split", "-o", split, "--image-size", 32,
+               "--no-verify")[0] == 0
+    encoder = tmp_path / "s.encoder.onnx"
+    code, out = run("bench", episode, encoder, "-c", checkpoint, "--sizes", "2w1s1q,3w1s2q",
+                    "--repeats", 1, "--json")
+    assert code == 0, out
+    rows = json.loads(out)
+    names = ["eager", "eager backbone", str(episode), f"{encoder} (encoder only)", str(encoder)]
+    assert [r["name"] for r in rows] == names * 2
+    assert [r["size"] for r in rows] == ["2w1s1q"] * 5 + ["3w1s2q"] * 5
+    for group in (rows[:5], rows[5:]):
+        eager_median = group[0]["median_s"]
+        for row in group[1:]:
+            assert row["speedup"] == pytest.approx(eager_median / row["median_s"])
+            assert 0 < row["min_s"] <= row["median_s"]
