@@ -22,6 +22,28 @@ FLAVORS = ("standard", "plugin")
 _plugin_opset = onnxscript.values.Opset(PLUGIN_DOMAIN, 1)
 
 
+def _plugin_schema():
+    # onnxscript (≥ 0.6) and torch's ONNX tracer only call ops that have a schema, and
+    # none is registered for a custom domain: hand one to the op directly (no global
+    # registration). Input, attribute names and types are the plugin's (plugins/README.md).
+    from onnx.defs import OpSchema
+
+    ints, integer, string = OpSchema.AttrType.INTS, OpSchema.AttrType.INT, OpSchema.AttrType.STRING
+    return OpSchema(
+        PLUGIN_OP, PLUGIN_DOMAIN, 1,
+        doc="DCNv1 deformable convolution (no bias, no mask); the TensorRT plugin DMFDeformConv2d.",
+        inputs=[OpSchema.FormalParameter(name, "T") for name in ("input", "offset", "weight")],
+        outputs=[OpSchema.FormalParameter("output", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "one type for every tensor")],
+        attributes=[OpSchema.Attribute(name, ints, "") for name in ("stride", "padding", "dilation")]
+        + [OpSchema.Attribute(name, integer, "") for name in ("groups", "offset_groups")]
+        + [OpSchema.Attribute(name, string, "") for name in ("plugin_version", "plugin_namespace")],
+    )
+
+
+_plugin_op = onnxscript.values.Op(_plugin_opset, PLUGIN_OP, _plugin_schema())
+
+
 def _standard(input, offset, weight, stride, padding, dilation, groups, offset_groups):
     # DeformConv takes (X, W, offset); kernel_shape is inferred from W.
     return op.DeformConv(
@@ -32,7 +54,7 @@ def _standard(input, offset, weight, stride, padding, dilation, groups, offset_g
 
 
 def _plugin(input, offset, weight, stride, padding, dilation, groups, offset_groups):
-    return _plugin_opset.DMFDeformConv2d(
+    return _plugin_op(
         input, offset, weight,
         stride=list(stride), padding=list(padding), dilation=list(dilation),
         groups=groups, offset_groups=offset_groups,
