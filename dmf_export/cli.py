@@ -98,8 +98,23 @@ def _episode_options(way=5, shot=1, queries=75):
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--verify/--no-verify", "run_verify", default=True, show_default=True,
               help="Check the artifact against the eager model after writing it.")
+@click.option("--max-way", type=click.IntRange(min=1),
+              help="TensorRT: most classes the engine accepts (default max(--way, 10)).")
+@click.option("--max-shot", type=click.IntRange(min=1),
+              help="TensorRT: most support images per class (default max(--shot, 5)).")
+@click.option("--max-queries", type=click.IntRange(min=1),
+              help="TensorRT: most queries per episode (default max(--queries, 75)).")
+@click.option("--plugin", "plugin", type=click.Path(dir_okay=False, exists=True),
+              help="TensorRT: the plugin library to use (default: build it, see build-plugin).")
+@click.option("--tensorrt-root", type=click.Path(file_okay=False),
+              help="TensorRT: headers for building the plugin (default $TENSORRT_ROOT, then system paths).")
+@click.option("--workspace", type=click.FloatRange(min=0, min_open=True),
+              help="TensorRT: builder workspace limit in GiB (default: TensorRT's).")
+@click.option("--timing-cache", type=click.Path(dir_okay=False),
+              help="TensorRT: timing cache file, read and updated (default: one in ~/.cache/dmf_export).")
 def export(checkpoint, fmt, output, solver, steps, precision, graph, onnx_flavor, groups, kernel,
-           way, shot, queries, image_size, opset, force, run_verify):
+           way, shot, queries, image_size, opset, force, run_verify, max_way, max_shot, max_queries,
+           plugin, tensorrt_root, workspace, timing_cache):
     """Export CHECKPOINT as a TorchScript, ONNX or TensorRT artifact.
 
     \b
@@ -107,13 +122,16 @@ def export(checkpoint, fmt, output, solver, steps, precision, graph, onnx_flavor
       dmf-export export model.pth.tar -f onnx
       dmf-export export model.pth.tar -f torchscript -o dmf.ts
       dmf-export export model.pth.tar -f onnx --graph split --precision fp16
+      dmf-export export model.pth.tar -f tensorrt --precision fp16 --max-queries 100
     """
     from dmf_export.export import ExportOptions, export_checkpoint
 
     opts = ExportOptions(format=fmt, output=output, solver=solver, steps=steps, precision=precision,
                          graph=graph, onnx_flavor=onnx_flavor, groups=groups,
                          kernel=int(kernel) if kernel else None, way=way, shot=shot, queries=queries,
-                         image_size=image_size, opset=opset, force=force)
+                         image_size=image_size, opset=opset, force=force, max_way=max_way,
+                         max_shot=max_shot, max_queries=max_queries, plugin=plugin,
+                         tensorrt_root=tensorrt_root, workspace=workspace, timing_cache=timing_cache)
     written = export_checkpoint(checkpoint, opts, log=_log)
     for item in written:
         click.echo(f"wrote {item.path} ({item.size_mb:.1f} MB, {item.seconds:.1f} s)")
@@ -249,3 +267,21 @@ def demo(out_dir, groups, kernel, seed, queries):
     if not run_demo(Path(out_dir), groups=groups, kernel=int(kernel), seed=seed, queries=queries,
                     log=_log, echo=click.echo):
         sys.exit(1)
+
+
+@main.command("build-plugin")
+@click.option("--tensorrt-root", type=click.Path(file_okay=False),
+              help="TensorRT install or include folder (default $TENSORRT_ROOT, then the usual system paths).")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False),
+              help="Build folder (default: a cache folder keyed by the sources, TensorRT and CUDA).")
+def build_plugin(tensorrt_root, out_dir):
+    """Build the TensorRT plugin library (DMFDeformConv2d) and print its path (last line).
+
+    \b
+    Needs TensorRT's headers, a CUDA toolkit (nvcc; CUDA_HOME) and a C++ compiler; no GPU.
+    Load the library with tensorrt.get_plugin_registry().load_library(PATH) or
+    trtexec --dynamicPlugins=PATH.
+    """
+    from dmf_export.plugin_build import build_plugin as build
+
+    click.echo(str(build(tensorrt_root, out_dir, log=_log)))

@@ -45,6 +45,17 @@ class ExportOptions:
     image_size: int = DEFAULT_IMAGE_SIZE
     opset: int = 19
     force: bool = False
+    # TensorRT engines (--format tensorrt): the optimisation profile's upper bounds (None:
+    # dmf_export.tensorrt's defaults, which cover 10-way 5-shot 75-query), the plugin
+    # library (None: build it), the builder's workspace limit in GiB (None: TensorRT's
+    # default), the timing cache file (None: one in the cache folder), TensorRT's headers.
+    max_way: int | None = None
+    max_shot: int | None = None
+    max_queries: int | None = None
+    plugin: str | None = None
+    workspace: float | None = None
+    timing_cache: str | None = None
+    tensorrt_root: str | None = None
 
     def check(self) -> None:
         def bad(what):
@@ -67,6 +78,12 @@ class ExportOptions:
             bad(f"--image-size must be ≥ 8 (got {self.image_size})")
         if self.opset < 19:
             bad(f"--opset must be ≥ 19: DeformConv first appears in opset 19 (got {self.opset})")
+        for name in ("way", "shot", "queries"):
+            top = getattr(self, f"max_{name}")
+            if top is not None and top < getattr(self, name):
+                bad(f"--max-{name} ({top}) must be ≥ --{name} ({getattr(self, name)})")
+        if self.workspace is not None and self.workspace <= 0:
+            bad(f"--workspace must be a positive number of GiB (got {self.workspace})")
 
 
 @dataclasses.dataclass

@@ -1,0 +1,321 @@
+"""Builds the TensorRT plugin library (``plugins/`` over ``csrc/kernels/``) with ninja.
+
+No PyTorch and no TensorRT *libraries* are needed: only TensorRT's headers, a CUDA
+toolkit (nvcc) and a C++ compiler. The library links the CUDA runtime statically and
+nothing of TensorRT (TensorRT finds the plugin through its two exported entry points,
+``getCreators`` and ``setLoggerFinder``), so it loads into whatever TensorRT process
+has the same major version as the headers it was compiled against.
+
+Where things are found:
+- TensorRT headers: ``--tensorrt-root`` (``tensorrt_root``), else ``$TENSORRT_ROOT``;
+  either may be an install folder (with ``include/``) or the include folder itself, and
+  when one is given it must hold the headers. Else the usual installs:
+  ``/usr/include/x86_64-linux-gnu`` (NVIDIA's Debian/Ubuntu packages),
+  ``/usr/local/tensorrt``, ``/opt/tensorrt``, …
+- CUDA: ``$CUDA_HOME`` / ``$CUDA_PATH``, the toolkit around the ``nvcc`` on ``PATH``,
+  ``/usr/local/cuda``: the first folder with ``bin/nvcc`` and ``include/cuda_runtime.h``.
+- C++ compiler: ``$CXX``, else ``c++``. GPU architectures: ``$DMF_EXPORT_CUDA_ARCHS``
+  (e.g. ``"80;90"``), else sm_75, sm_80 and sm_90 code plus compute_90 PTX.
+
+The build goes to ``$DMF_EXPORT_CACHE/plugin/<key>`` (default ``~/.cache/dmf_export``),
+where the key hashes the sources, the TensorRT and CUDA versions, the compiler and the
+flags, so a library is never reused for other sources or another TensorRT.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+from dmf_export.errors import DMFExportError
+from dmf_export.paths import source_dir
+
+LIBRARY_NAME = "libdmf_trt_plugin.so"
+EXPORTED_SYMBOLS = ("getCreators", "setLoggerFinder")
+# Searched, in order, when neither --tensorrt-root nor TENSORRT_ROOT is given.
+SYSTEM_TENSORRT = (
+    "/usr/include/x86_64-linux-gnu", "/usr/include/aarch64-linux-gnu", "/usr/local/tensorrt",
+    "/opt/tensorrt", "/usr/local/TensorRT", "/opt/TensorRT", "/usr/include", "/usr/local/include",
+)
+MIN_TENSORRT_MAJOR = 10  # IPluginV3 and the ONNX parser's IPluginV3 fallback
+# sm_80 code also runs on 8.6/8.9 and sm_90 on the H100/H200; the compute_90 PTX is
+# JIT-compiled for newer GPUs. sm_75 covers the T4, a common TensorRT target.
+DEFAULT_CUDA_ARCHS = ("75", "80", "90")
+_KERNEL_SOURCES = ("deform_conv_cuda.cu", "deform_conv_cuda.h", "deform_conv_shape.h", "deform_sampler.h")
+_CXX_FLAGS = ("-std=c++17", "-O3", "-fPIC", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
+              "-Wall", "-Wextra")
+_NVCC_FLAGS = ("-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRTHeaders:
+    include: Path
+    version: str  # "major.minor.patch" from NvInferVersion.h
+
+    @property
+    def major(self) -> int:
+        return int(self.version.split(".")[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaToolkit:
+    home: Path
+    nvcc: Path
+    version: str  # e.g. "13.0" (from cuda.h)
+
+    @property
+    def library_dir(self) -> Path:
+        for name in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):
+            if (self.home / name / "libcudart_static.a").is_file():
+                return self.home / name
+        return self.home / "lib64"
+
+
+def _headers_in(folder: Path) -> Path | None:
+    for include in (folder / "include", folder):
+        if (include / "NvInferRuntime.h").is_file() and (include / "NvInferVersion.h").is_file():
+            return include
+    return None
+
+
+def tensorrt_version(include: Path) -> str:
+    """'major.minor.patch' from NvInferVersion.h (10.x and 11.x define it through aliases)."""
+    defines = dict(re.findall(r"^\s*#\s*define\s+(\w+)\s+(\w+)", (include / "NvInferVersion.h").read_text(),
+                              flags=re.MULTILINE))
+
+    def value(name: str) -> str:
+        seen = set()
+        while name in defines and name not in seen:
+            seen.add(name)
+            name = defines[name]
+        return name
+
+    parts = [value(f"NV_TENSORRT_{p}") for p in ("MAJOR", "MINOR", "PATCH")]
+    if not all(p.isdigit() for p in parts):
+        raise DMFExportError(f"{include / 'NvInferVersion.h'}: cannot read TensorRT's version from it")
+    return ".".join(parts)
+
+
+def find_tensorrt(tensorrt_root: str | os.PathLike | None = None) -> TensorRTHeaders:
+    """TensorRT's include folder: the argument, else $TENSORRT_ROOT, else a usual install."""
+    given = [(str(tensorrt_root), "--tensorrt-root")] if tensorrt_root else []
+    if not given and os.environ.get("TENSORRT_ROOT"):
+        given = [(os.environ["TENSORRT_ROOT"], "TENSORRT_ROOT")]
+    if given:  # the user named a folder: use it or say what is wrong with it, never guess past it
+        folder, source = given[0]
+        include = _headers_in(Path(folder).expanduser())
+        if include is None:
+            raise DMFExportError(f"no TensorRT headers in {source}={folder} (expected include/NvInferRuntime.h "
+                                 "and include/NvInferVersion.h)")
+    else:
+        include = next(filter(None, (_headers_in(Path(p)) for p in SYSTEM_TENSORRT)), None)
+        if include is None:
+            raise DMFExportError("TensorRT headers not found (NvInferRuntime.h): pass --tensorrt-root DIR or set "
+                                 "TENSORRT_ROOT to a TensorRT install (looked in " + ", ".join(SYSTEM_TENSORRT) + ")")
+    headers = TensorRTHeaders(include.resolve(), tensorrt_version(include))
+    if headers.major < MIN_TENSORRT_MAJOR:
+        raise DMFExportError(f"TensorRT {headers.version} headers in {include}: the plugin (IPluginV3) needs "
+                             f"TensorRT ≥ {MIN_TENSORRT_MAJOR}")
+    return headers
+
+
+def _is_cuda_toolkit(home) -> bool:
+    return bool(home) and (Path(home) / "bin" / "nvcc").is_file() and (Path(home) / "include" / "cuda_runtime.h").is_file()
+
+
+def find_cuda() -> CudaToolkit:
+    # nvcc on PATH may be a wrapper script (/usr/local/bin/nvcc → exec …/cuda-13.0/bin/nvcc):
+    # only a folder with bin/nvcc *and* include/cuda_runtime.h counts as a toolkit.
+    for variable in ("CUDA_HOME", "CUDA_PATH"):  # named by the user: use it or say what is wrong
+        if os.environ.get(variable):
+            if not _is_cuda_toolkit(os.environ[variable]):
+                raise DMFExportError(f"nvcc (the CUDA compiler) not found in {variable}={os.environ[variable]} "
+                                     "(expected bin/nvcc and include/cuda_runtime.h there)")
+            break
+    nvcc = shutil.which("nvcc")
+    candidates = (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                  Path(nvcc).resolve().parent.parent if nvcc else None, "/usr/local/cuda")
+    home = next((Path(h) for h in candidates if _is_cuda_toolkit(h)), None)
+    if home is None:
+        raise DMFExportError("nvcc (the CUDA compiler) not found: set CUDA_HOME to a CUDA toolkit folder "
+                             "(one with bin/nvcc and include/cuda_runtime.h)")
+    match = re.search(r"^\s*#\s*define\s+CUDA_VERSION\s+(\d+)", (home / "include" / "cuda.h").read_text()
+                      if (home / "include" / "cuda.h").is_file() else "", flags=re.MULTILINE)
+    version = f"{int(match.group(1)) // 1000}.{int(match.group(1)) % 1000 // 10}" if match else "unknown"
+    return CudaToolkit(home.resolve(), home.resolve() / "bin" / "nvcc", version)
+
+
+def _ninja() -> str:
+    found = shutil.which("ninja") or shutil.which("ninja", path=str(Path(sys.executable).parent))
+    if found:
+        return found
+    with contextlib.suppress(ImportError):
+        import ninja  # the PyPI package (a dependency of dmf-export)
+
+        candidate = Path(ninja.BIN_DIR) / "ninja"
+        if candidate.is_file():
+            return str(candidate)
+    raise DMFExportError("ninja not found: pip install ninja")
+
+
+def _cxx() -> str:
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise DMFExportError(f"no C++ compiler found ('{compiler}'): install g++ or point CXX at one")
+    return compiler
+
+
+def cuda_arch_flags() -> list[str]:
+    archs = [a.strip().replace(".", "").removeprefix("sm_") for a in
+             re.split(r"[;, ]+", os.environ.get("DMF_EXPORT_CUDA_ARCHS", "")) if a.strip()]
+    archs = archs or list(DEFAULT_CUDA_ARCHS)
+    if not all(a.isdigit() for a in archs):
+        raise DMFExportError(f"DMF_EXPORT_CUDA_ARCHS={os.environ['DMF_EXPORT_CUDA_ARCHS']!r}: expected e.g. '80;90'")
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    return flags + [f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+
+
+def plugin_sources() -> tuple[list[Path], list[Path]]:
+    """(C++ files of plugins/, the CUDA launcher's files of csrc/kernels/)."""
+    plugins, kernels = source_dir("plugins"), source_dir("csrc") / "kernels"
+    cpp = sorted(p for p in plugins.iterdir() if p.suffix in (".cpp", ".h") and p.is_file())
+    return cpp, [kernels / name for name in _KERNEL_SOURCES]
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("DMF_EXPORT_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "dmf_export"
+
+
+def _build_key(files: list[Path], trt: TensorRTHeaders, cuda: CudaToolkit, cxx: str, arch_flags: list[str]) -> str:
+    h = hashlib.sha256()
+    for part in (trt.version, str(trt.include), cuda.version, str(cuda.home), cxx, " ".join(_CXX_FLAGS),
+                 " ".join(_NVCC_FLAGS), " ".join(arch_flags), sys.platform):
+        h.update(part.encode() + b"\0")
+    for path in files:
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:20]
+
+
+def _ninja_path(path: Path | str) -> str:
+    """A path as a ninja build-line token."""
+    return str(path).replace("$", "$$").replace(" ", "$ ").replace(":", "$:")
+
+
+def _command(args) -> str:
+    """Arguments as a ninja command variable (shell-quoted, ninja-escaped)."""
+    return " ".join(shlex.quote(str(a)) for a in args).replace("$", "$$")
+
+
+def write_build_files(build_dir: Path, trt: TensorRTHeaders, cuda: CudaToolkit, cxx: str,
+                      arch_flags: list[str]) -> Path:
+    """Write build.ninja (and the linker's export list) into ``build_dir``; returns build.ninja."""
+    cpp, kernels = plugin_sources()
+    kernel_dir = kernels[0].parent
+    plugin_dir = cpp[0].parent
+    exports = build_dir / "exports.map"
+    exports.write_text("{\n  global:\n" + "".join(f"    {s};\n" for s in EXPORTED_SYMBOLS)
+                       + "  local:\n    *;\n};\n")
+    includes = ["-I", plugin_dir, "-I", kernel_dir]
+    cxx_flags = [*_CXX_FLAGS, *includes, "-isystem", trt.include, "-isystem", cuda.home / "include"]
+    nvcc_flags = [*_NVCC_FLAGS, *arch_flags, *includes]
+    if os.environ.get("CXX"):
+        nvcc_flags += ["-ccbin", cxx]
+    # Link the CUDA runtime statically (nvcc's own default): the library then needs no
+    # libcudart.so at run time, only the driver; nothing of TensorRT is linked.
+    link_flags = ["-shared", f"-Wl,--version-script={exports}", "-Wl,--no-undefined", f"-Wl,-soname,{LIBRARY_NAME}",
+                  "-L", cuda.library_dir, "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
+    objects = []
+    lines = [
+        "# Written by dmf-export build-plugin; rerun that command rather than editing this file.",
+        "ninja_required_version = 1.3",
+        f"cxx = {_command([cxx])}",
+        f"nvcc = {_command([cuda.nvcc])}",
+        f"cxxflags = {_command(cxx_flags)}",
+        f"nvccflags = {_command(nvcc_flags)}",
+        f"ldflags = {_command(link_flags)}",
+        "",
+        "rule cxx",
+        "  command = $cxx -MMD -MF $out.d $cxxflags -c $in -o $out",
+        "  depfile = $out.d",
+        "  deps = gcc",
+        "  description = C++ $out",
+        "rule cuda",
+        "  command = $nvcc -MD -MF $out.d $nvccflags -c $in -o $out",
+        "  depfile = $out.d",
+        "  deps = gcc",
+        "  description = CUDA $out",
+        "rule link",
+        "  command = $cxx $in -o $out $ldflags",
+        "  description = LINK $out",
+        "",
+    ]
+    for source in [p for p in cpp if p.suffix == ".cpp"]:
+        obj = f"{source.stem}.o"
+        lines.append(f"build {obj}: cxx {_ninja_path(source)}")
+        objects.append(obj)
+    cu = kernels[0]
+    lines.append(f"build {cu.stem}.cu.o: cuda {_ninja_path(cu)}")
+    objects.append(f"{cu.stem}.cu.o")
+    lines += [f"build {LIBRARY_NAME}: link {' '.join(objects)} | exports.map", f"default {LIBRARY_NAME}", ""]
+    ninja_file = build_dir / "build.ninja"
+    ninja_file.write_text("\n".join(lines))
+    return ninja_file
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """One build at a time per folder (several processes may build the same cache entry)."""
+    import fcntl
+
+    with open(folder / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_plugin(tensorrt_root: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
+                 log: Callable[[str], None] = lambda _: None) -> Path:
+    """Build (or find already built) the plugin library; returns its path."""
+    trt = find_tensorrt(tensorrt_root)
+    cuda = find_cuda()
+    cxx = _cxx()
+    arch_flags = cuda_arch_flags()
+    cpp, kernels = plugin_sources()
+    key = _build_key(cpp + kernels, trt, cuda, cxx, arch_flags)
+    build_dir = Path(out_dir).expanduser() if out_dir else _cache_root() / "plugin" / key
+    library = build_dir / LIBRARY_NAME
+    stamp = build_dir / "built.ok"
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DMFExportError(f"cannot create the build folder {build_dir}: {err.strerror}") from err
+    with _locked(build_dir):
+        if stamp.is_file() and library.is_file() and stamp.read_text().strip() == key:
+            log(f"TensorRT plugin already built for TensorRT {trt.version}, CUDA {cuda.version}: {library}")
+            return library
+        ninja = _ninja()
+        write_build_files(build_dir, trt, cuda, cxx, arch_flags)
+        stamp.unlink(missing_ok=True)
+        log(f"building the TensorRT plugin for TensorRT {trt.version} ({trt.include}) with CUDA {cuda.version} "
+            f"({cuda.home}) in {build_dir} …")
+        jobs = str(max(1, min(os.cpu_count() or 1, 4)))
+        result = subprocess.run([ninja, "-C", str(build_dir), "-j", jobs], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        (build_dir / "build.log").write_text(result.stdout)
+        if result.returncode != 0 or not library.is_file():
+            for line in result.stdout.strip().splitlines()[-15:]:
+                log(f"  {line}")
+            raise DMFExportError(f"building the TensorRT plugin failed (compiler output in {build_dir / 'build.log'})")
+        stamp.write_text(key + "\n")
+    return library
