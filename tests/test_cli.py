@@ -5,9 +5,8 @@ import json
 import os
 
 import pytest
-from click.testing import CliRunner
-
-from dmf_export.cli import main
+from cli_helpers import one_error_line
+from cli_helpers import run_cli as run
 
 
 @pytest.fixture(scope="module")
@@ -15,20 +14,6 @@ def checkpoint(tmp_path_factory):
     from dmf_export.checkpoint import write_random_checkpoint
 
     return write_random_checkpoint(tmp_path_factory.mktemp("cli") / "m.pth.tar", seed=3)
-
-
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
-def one_error_line(output: str) -> str:
-    """Progress lines may come first; the error is one line, the last, with no traceback."""
-    lines = [line for line in output.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("Error")]
-    assert len(errors) == 1 and lines[-1] == errors[0], output
-    assert "Traceback" not in output
-    return errors[0]
 
 
 def test_help_lists_every_command():

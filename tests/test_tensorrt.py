@@ -21,26 +21,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-
-from dmf_export.cli import main
+from cli_helpers import one_error_line, run_cli
 from dmf_export.errors import DMFExportError
 
 ROOT = Path(__file__).resolve().parent.parent
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
-
-
-def run_cli(*args, env=None):
-    result = CliRunner().invoke(main, [str(a) for a in args], env=env)
-    return result.exit_code, result.output
-
-
-def one_error_line(output: str) -> str:
-    lines = [line for line in output.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("Error")]
-    assert len(errors) == 1 and lines[-1] == errors[0], output
-    assert "Traceback" not in output
-    return errors[0]
 
 
 def _cuda_toolkit_or_skip():
