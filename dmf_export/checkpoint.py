@@ -10,13 +10,12 @@ import functools
 import math
 import os
 import pickle
-import re
 import tempfile
 from pathlib import Path
 
 import torch
 
-from dmf_export.errors import DMFExportError
+from dmf_export.errors import DMFExportError, summarize
 
 CHANNELS = 640
 BLOCK_WIDTHS = (64, 160, 320, 640)
@@ -107,19 +106,6 @@ def _short_list(names) -> str:
     return shown
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    match = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
-    if match:
-        text = match.group(1)
-        text = text.split(" Please use")[0]
-    line = text.splitlines()[0] if text else ""
-    line = re.sub(r"\x1b\[[0-9;]*m", "", line)
-    if len(line) > 120:  # torch's messages go on with advice; the first sentence says it
-        line = line.split(". ")[0]
-    return f"{type(err).__name__}: {line}" if line else type(err).__name__
-
-
 def _sniff(path: Path) -> str:
     """'zip' or 'legacy' from the first bytes; DMFExportError otherwise."""
     if not path.exists():
@@ -149,17 +135,17 @@ def _load_safely(path: Path, serialisation: str):
         if "Weights only load failed" in message or "WeightsUnpickler" in message:
             raise DMFExportError(
                 f"refusing to load {path}: it contains pickled code/objects that are not "
-                f"plain tensors ({_first_line(err)})") from None
+                f"plain tensors ({summarize(err)})") from None
         raise DMFExportError(
             f"cannot read {path}: truncated or corrupt {serialisation} checkpoint "
-            f"({_first_line(err)})") from None
+            f"({summarize(err)})") from None
     except Exception as err:  # whatever torch.load trips over in a damaged file
         if "Invalid magic number" in str(err):
             raise DMFExportError(f"{path} is not a PyTorch checkpoint "
                                  f"(a pickle, but not one torch.save wrote)") from None
         raise DMFExportError(
             f"cannot read {path}: truncated or corrupt {serialisation} checkpoint "
-            f"({_first_line(err)})") from None
+            f"({summarize(err)})") from None
 
 
 def _plain_number(value):

@@ -12,6 +12,8 @@ from typing import Iterable
 
 import torch
 
+from dmf_export.models.dmf import FEATURE_CHANNELS  # noqa: F401  (features are [N, 640, h, w])
+
 EPISODE_INPUTS = ("support", "support_labels", "query")
 EPISODE_OUTPUTS = ("scores",)
 ENCODER_INPUTS = ("images",)
@@ -19,7 +21,6 @@ ENCODER_OUTPUTS = ("features",)
 HEAD_INPUTS = ("support_features", "support_labels", "query_features")
 HEAD_OUTPUTS = ("scores",)
 
-FEATURE_CHANNELS = 640
 DEFAULT_IMAGE_SIZE = 84
 METADATA_KEY = "dmf_export"  # ONNX metadata_props key / TorchScript extra file name
 

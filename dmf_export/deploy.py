@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dmf_export.errors import DMFExportError
+from dmf_export.models.dmf import FEATURE_CHANNELS
 from dmf_export.solvers import FixedStepODE, check_steps, tableau
 
-FEATURE_CHANNELS = 640
 LEAKY_SLOPE = 0.1
 NORM_EPS = 1e-12
 

@@ -19,7 +19,7 @@ from dmf_export.contract import (
     FEATURE_CHANNELS, HEAD_INPUTS, HEAD_OUTPUTS, METADATA_KEY, ArtifactInfo, EpisodeSize,
     make_episode,
 )
-from dmf_export.errors import DMFExportError
+from dmf_export.errors import DMFExportError, summarize
 
 FORMATS = ("torchscript", "onnx", "tensorrt")
 GRAPHS = ("episode", "split")
@@ -285,7 +285,7 @@ def export_checkpoint(checkpoint: str, opts: ExportOptions,
         except DMFExportError:
             raise
         except Exception as err:  # the exporters' own errors are long; keep the gist
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise DMFExportError(f"{opts.format} export of the {graph} graph failed: {first}") from err
+            raise DMFExportError(f"{opts.format} export of the {graph} graph failed: "
+                                 f"{summarize(err)}") from err
         written.append(Written(path, graph, time.perf_counter() - start))
     return written

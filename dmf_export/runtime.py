@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from dmf_export.contract import METADATA_KEY, ArtifactInfo
-from dmf_export.errors import DMFExportError
+from dmf_export.errors import DMFExportError, summarize
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -56,8 +56,7 @@ def read_info(path: Path) -> ArtifactInfo:
     except DMFExportError:
         raise
     except Exception as err:
-        raise DMFExportError(f"{path}: cannot read it as a {suffix[1:]} artifact ({type(err).__name__}: "
-                             f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from err
+        raise DMFExportError(f"{path}: cannot read it as a {suffix[1:]} artifact ({summarize(err)})") from err
     raise DMFExportError(f"{path}: unknown artifact type {suffix!r} (expected .ts, .onnx or .engine)")
 
 
