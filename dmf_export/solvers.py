@@ -116,3 +116,43 @@ class FixedStepODE(nn.Module):
         if self.dt == 1.0:
             return increment
         return increment * self.dt
+
+
+def _poly_mul(a: List[float], b: List[float]) -> List[float]:
+    out = [0.0] * (len(a) + len(b) - 1)
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            out[i + j] += x * y
+    return out
+
+
+def _poly_add(a: List[float], b: List[float]) -> List[float]:
+    n = max(len(a), len(b))
+    return [(a[i] if i < len(a) else 0.0) + (b[i] if i < len(b) else 0.0) for i in range(n)]
+
+
+def linear_growth(method: str) -> Optional[List[float]]:
+    """One step of ``method`` on y' = z·y is y·R(z); returns [r_1, …, r_s] with
+    R(z) = 1 + Σ r_j z^j (the stability polynomial), or None when some stage or R has a
+    negative coefficient.
+
+    Non-negative coefficients mean that for y > 0 and z ≥ 0 every stage value stays
+    positive. That is what lets DMF's kernel-1 alignment, dy/dt = relu(y·F) with
+    F = sigmoid(…) ≥ 0, be solved in closed form: relu never clips a positive y, so each
+    element follows the linear ODE (y(1) = y·R(F·dt)^steps), and a y ≤ 0 never moves.
+    """
+    stages, weights = tableau(method)
+    one = [1.0]
+    z = [0.0, 1.0]
+    values = [one]  # stage values Y_i / y as polynomials in z (Y_1 = y)
+    for row in stages:
+        value = one
+        for j, a in enumerate(row):
+            value = _poly_add(value, [a * c for c in _poly_mul(z, values[j])])
+        values.append(value)
+    growth = one
+    for j, b in enumerate(weights):
+        growth = _poly_add(growth, [b * c for c in _poly_mul(z, values[j])])
+    if any(c < 0.0 for value in values + [growth] for c in value):
+        return None
+    return growth[1:]

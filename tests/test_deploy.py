@@ -122,11 +122,12 @@ def test_episode_graph_is_exact_in_float64(dmf, make_episode, config):
         assert_same_scores(graph(*inputs), model(*inputs), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("kernel", [1, 3], ids=["K1-closed-form", "K3-unrolled"])
 @pytest.mark.parametrize("method, steps", [("euler", 2), ("midpoint", 1), ("heun2", 3),
                                            ("heun3", 2), ("rk4", 3)])
 def test_solver_choice_matches_eager_model_with_that_torchdiffeq_solver(
-        dmf, make_episode, monkeypatch, method, steps):
-    model, _ = dmf(64, 3)
+        dmf, make_episode, monkeypatch, method, steps, kernel):
+    model, _ = dmf(64, kernel)
     graph = build_episode_graph(model, solver=method, steps=steps)
 
     def align(query_pairs, meta_filter, *_):  # the solver here, not the model's own choice

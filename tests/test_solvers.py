@@ -11,7 +11,7 @@ import torchdiffeq
 
 from dmf_export.deploy import Alignment
 from dmf_export.errors import DMFExportError
-from dmf_export.solvers import METHODS, FixedStepODE, tableau
+from dmf_export.solvers import METHODS, FixedStepODE, linear_growth, tableau
 
 TORCHDIFFEQ_FIXED_STEP = ("euler", "midpoint", "rk4", "heun2", "heun3")
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.[a-z]+` is deprecated")
@@ -148,3 +148,24 @@ def test_unknown_method_is_a_clear_error(method):
 def test_steps_must_be_a_positive_integer(steps):
     with pytest.raises(DMFExportError, match="steps"):
         Alignment(GROUPS, 1, "rk4", steps)
+
+
+@pytest.mark.parametrize("method, expected", [
+    # y' = z·y: one step multiplies y by the method's stability polynomial. Every
+    # s-stage method of order s ≤ 4 gives the Taylor polynomial of e^z to degree s.
+    ("euler", [1.0]),
+    ("midpoint", [1.0, 1 / 2]),
+    ("heun2", [1.0, 1 / 2]),
+    ("heun3", [1.0, 1 / 2, 1 / 6]),
+    ("rk4", [1.0, 1 / 2, 1 / 6, 1 / 24]),
+])
+def test_linear_growth_is_the_stability_polynomial(method, expected):
+    assert linear_growth(method) == pytest.approx(expected, rel=1e-15)
+
+
+def test_linear_growth_refuses_a_tableau_whose_stages_can_turn_negative(monkeypatch):
+    import dmf_export.solvers as solvers
+
+    # a (made-up) stage y - dt·k1 goes negative for z > 1: relu could clip it
+    monkeypatch.setitem(solvers.TABLEAUX, "made_up", ([[-1.0]], [0.5, 0.5]))
+    assert linear_growth("made_up") is None
