@@ -29,6 +29,7 @@ from dmf_export.models.dmf import FEATURE_CHANNELS
 from dmf_export.solvers import FixedStepODE, check_steps, linear_growth, tableau
 
 LEAKY_SLOPE = 0.1
+TAPS = 9  # the meta-filter DCN is 3×3
 NORM_EPS = 1e-12
 
 
@@ -166,6 +167,9 @@ class EpisodeHead(nn.Module):
     closed_form: Final[bool]
     steps: Final[int]
     growth: List[float]
+    weight_first: Final[bool]
+    filter_channels: Final[int]
+    taps: Final[int] = TAPS
 
     def __init__(self, model: nn.Module, solver: str = "rk4", steps: int = 1):
         super().__init__()
@@ -187,8 +191,33 @@ class EpisodeHead(nn.Module):
                 offset_weight[:, :FEATURE_CHANNELS].clone(), requires_grad=False)
             self.offset_prototype_weight = nn.Parameter(
                 offset_weight[:, FEATURE_CHANNELS:].clone(), requires_grad=False)
-            self.filter_weight = nn.Parameter(
-                model.dw_gen.kernel_conv.weight.detach().clone(), requires_grad=False)
+            filter_weight = model.dw_gen.kernel_conv.weight.detach()  # [G·K, 640, 3, 3]
+            self.filter_weight = nn.Parameter(filter_weight.clone(), requires_grad=False)
+            self.filter_channels = int(filter_weight.size(0))
+            # Bilinear sampling is linear and its points do not depend on the channel, so
+            # the DCN may weight first and sample after: per tap t, Y_t = W[:, :, t]·P (a
+            # 1×1 conv of the `way` prototypes), then sample Y_t at tap t's points
+            # (a 1×1 DCN, one offset group per tap, offsets shifted by the tap's place)
+            # and sum the taps. Exact in real arithmetic; it samples 9·G·K channels per
+            # pair instead of 640·9, so it pays when 9·G·K ≤ 640 (the default G = 64, K = 1).
+            taps = TAPS
+            self.weight_first = taps * self.filter_channels <= FEATURE_CHANNELS
+            empty = filter_weight.new_empty(0)
+            self.tap_weight = nn.Parameter(empty, requires_grad=False)  # unused unless weight_first
+            self.tap_select = nn.Parameter(empty.clone(), requires_grad=False)
+            self.register_buffer("tap_shift", empty.clone())
+            if self.weight_first:
+                self.tap_weight = nn.Parameter(  # row t·O + o = W[o, :, i, j], t = 3i + j
+                    filter_weight.permute(2, 3, 0, 1).reshape(-1, FEATURE_CHANNELS, 1, 1).clone(),
+                    requires_grad=False)
+                self.tap_select = nn.Parameter(  # group t: the identity on its O channels
+                    torch.eye(self.filter_channels, dtype=filter_weight.dtype,
+                              device=filter_weight.device).repeat(taps, 1)
+                    .view(-1, self.filter_channels, 1, 1), requires_grad=False)
+                # tap (i, j) of the 3×3, pad-1 DCN samples at (y + i − 1 + dy, x + j − 1 + dx)
+                shift = [float(d) for i in range(3) for j in range(3) for d in (i - 1, j - 1)]
+                self.tap_shift = torch.tensor(
+                    shift, dtype=filter_weight.dtype, device=filter_weight.device).view(1, -1, 1, 1)
         self.offset_padding = int(model.dw_gen.off_conv.padding[0])
         self.align = Alignment(self.groups, self.kernel, solver, steps)
 
@@ -222,10 +251,20 @@ class EpisodeHead(nn.Module):
         offsets = (query_offsets.unsqueeze(1) + prototype_offsets.unsqueeze(0)).flatten(0, 1)
 
         # The deformable conv samples the prototype of each pair at that pair's offsets.
-        pair_prototypes = prototypes.unsqueeze(0).expand(queries, way, channels, height,
-                                                         width).flatten(0, 1)
-        meta_filter = torch.sigmoid(torch.ops.dmf.deform_conv2d(
-            pair_prototypes, offsets, self.filter_weight, [1, 1], [1, 1], [1, 1], 1, 1))
+        if self.weight_first:
+            tap_planes = F.conv2d(prototypes, self.tap_weight)  # [way, 9·O, h, w]
+            pair_planes = tap_planes.unsqueeze(0).expand(queries, way, self.taps * self.filter_channels,
+                                                         height, width).flatten(0, 1)
+            sampled = torch.ops.dmf.deform_conv2d(pair_planes, offsets + self.tap_shift,
+                                                  self.tap_select, [1, 1], [0, 0], [1, 1],
+                                                  self.taps, self.taps)
+            meta_filter = torch.sigmoid(sampled.view(
+                queries * way, self.taps, self.filter_channels, height, width).sum(1))
+        else:
+            pair_prototypes = prototypes.unsqueeze(0).expand(queries, way, channels, height,
+                                                             width).flatten(0, 1)
+            meta_filter = torch.sigmoid(torch.ops.dmf.deform_conv2d(
+                pair_prototypes, offsets, self.filter_weight, [1, 1], [1, 1], [1, 1], 1, 1))
 
         # score[q, k] = Σ_{ch,p} x1[q,k,ch,p] · mean_p(P̂[k,ch,p]) / ((h+2)(w+2)).
         # Quirk: the original's padded 1×1 conv + spatial mean counts the zero border.

@@ -273,3 +273,12 @@ def test_mismatched_inputs_are_rejected_eager_and_scripted(default_graphs, make_
     for module in default_graphs:
         with pytest.raises((ValueError, RuntimeError, torch.jit.Error), match=message):
             module(*inputs)
+
+
+@pytest.mark.parametrize("config, weight_first", [((64, 1), True), ((640, 1), False), ((64, 3), False)],
+                         ids=["G64K1", "G640K1", "G64K3"])
+def test_meta_filter_weights_first_only_when_that_samples_fewer_channels(dmf, config, weight_first):
+    # 9·G·K sampled channels per pair instead of 640·9: worth it only for 9·G·K ≤ 640;
+    # the parity tests above cover both paths
+    model, graph = dmf(*config)
+    assert graph.head.weight_first is weight_first
