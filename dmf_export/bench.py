@@ -1,7 +1,7 @@
 """Per-episode latency and peak memory of the eager original and of artifacts, side by side.
 
-Every candidate runs on the same seeded episode in this one process, one after the
-other. Besides whole episodes, ``eager backbone`` and the encoder of a split export
+Every candidate runs on the same seeded episode, one after the other, each in a fresh
+process so that its peak memory is its own. Besides whole episodes, ``eager backbone`` and the encoder of a split export
 time the ResNet-12 alone on the episode's S + Q images: the floor an episode graph is
 measured against.
 """
@@ -25,7 +25,7 @@ class Timing:
     min_s: float
     median_s: float
     speedup: float | None = None     # eager median ÷ this median, same size, same run
-    peak_mb: float | None = None     # peak resident memory above the idle process (CPU)
+    peak_mb: float | None = None     # peak resident memory above the loaded process (CPU)
     gpu_peak_mb: float | None = None  # torch's peak CUDA allocation (torch-based candidates)
 
 
@@ -47,80 +47,92 @@ def time_episode(fn: Callable[[], object], repeats: int, warmup: int = 1, device
     return times
 
 
-class _PeakMemory:
-    """Peak RSS of this process during a block, above its RSS when the block began
-    (Linux: /proc/self/clear_refs resets the high-water mark). None elsewhere."""
-
-    def __init__(self, device: str):
-        self.device, self.extra_mb, self.gpu_mb = device, None, None
-
-    @staticmethod
-    def _status(field: str) -> float | None:
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            return None
+def _status_mb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
         return None
+    return None
 
-    def __enter__(self):
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.base = self._status("VmRSS")
-        except OSError:
-            self.base = None
-        if self.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        return self
 
-    def __exit__(self, *exc):
-        peak = self._status("VmHWM")
-        if self.base is not None and peak is not None:
-            self.extra_mb = max(peak - self.base, 0.0)
-        if self.device.startswith("cuda"):
-            self.gpu_mb = torch.cuda.max_memory_allocated() / 2**20
-        return False
+@dataclasses.dataclass(frozen=True)
+class _Candidate:
+    """What one child process measures: 'eager', 'backbone', 'encoder' or 'artifact'."""
+
+    kind: str
+    name: str
+    checkpoint: str
+    path: str | None = None
+
+
+def _measure(candidate: _Candidate, size: EpisodeSize, image_size: int, repeats: int,
+             provider: str, device: str, threads: int | None) -> tuple[list[float], float | None, float | None]:
+    """Runs in a fresh process: load, make the seeded episode, then time it; peak memory
+    is the process's high-water mark above what it held once loaded (Linux; else None)."""
+    import dmf_export  # noqa: F401  (registers the op in this process)
+    from dmf_export.checkpoint import load_checkpoint
+    from dmf_export.runtime import open_artifact
+
+    if threads:
+        torch.set_num_threads(threads)
+    support, labels, query = make_episode(size, image_size, seed=0, device=device)
+    images = torch.cat([support, query])
+    if candidate.kind in ("eager", "backbone"):
+        model = load_checkpoint(candidate.checkpoint).to(device)
+        fn = (lambda: model(support, labels, query)) if candidate.kind == "eager" else (lambda: model.base(images))
+    else:
+        runner = open_artifact(candidate.path, provider=provider, device=device, threads=threads)
+        fn = (lambda: runner.encode(images)) if candidate.kind == "encoder" else (lambda: runner(support, labels, query))
+    loaded = _status_mb("VmRSS")
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        times = time_episode(fn, repeats, device=device)
+    peak = _status_mb("VmHWM")
+    extra = max(peak - loaded, 0.0) if peak is not None and loaded is not None else None
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
+    return times, extra, gpu
 
 
 def bench(checkpoint: str, artifacts: Sequence[str], sizes: Sequence[EpisodeSize], *,
           image_size: int | None = None, repeats: int = 3, eager: bool = True,
           backbone: bool = True, provider: str = "cpu", device: str = "cpu",
           threads: int | None = None, log: Callable[[str], None] = lambda _: None) -> list[Timing]:
-    from dmf_export.checkpoint import load_checkpoint
-    from dmf_export.runtime import open_artifact
+    """Each candidate runs in a fresh process (so its peak memory is its own), one after
+    another, on the same seeded episode."""
+    import multiprocessing
 
-    if threads:
-        torch.set_num_threads(threads)
-    runners = [(str(a), open_artifact(a, provider=provider, device=device, threads=threads))
-               for a in artifacts]
+    from dmf_export.runtime import read_info
+
+    infos = {str(a): read_info(a) for a in artifacts}
     if image_size is None:
-        image_size = runners[0][1].info.image_size if runners else 84
-    model = load_checkpoint(checkpoint).to(device) if (eager or backbone) else None
+        image_size = next(iter(infos.values())).image_size if infos else 84
+    candidates = []
+    if eager:
+        candidates.append(_Candidate("eager", "eager", checkpoint))
+    if backbone:
+        candidates.append(_Candidate("backbone", "eager backbone", checkpoint))
+    for path, info in infos.items():
+        if info.graph == "encoder":
+            candidates.append(_Candidate("encoder", f"{path} (encoder only)", checkpoint, path))
+        candidates.append(_Candidate("artifact", path, checkpoint, path))
+    context = multiprocessing.get_context("spawn")
     rows: list[Timing] = []
     for size in sizes:
-        support, labels, query = make_episode(size, image_size, seed=0, device=device)
-        images = torch.cat([support, query])
-        candidates = []
-        if eager:
-            candidates.append(("eager", lambda: model(support, labels, query)))
-        if backbone:
-            candidates.append(("eager backbone", lambda: model.base(images)))
-        for name, runner in runners:
-            if runner.info.graph == "encoder":
-                candidates.append((f"{name} (encoder only)", lambda r=runner: r.encode(images)))
-            candidates.append((name, lambda r=runner: r(support, labels, query)))
         eager_median = None
-        for name, fn in candidates:
-            with torch.inference_mode(), _PeakMemory(device) as memory:
-                times = time_episode(fn, repeats, device=device)
-            row = Timing(str(size), name, min(times), statistics.median(times),
-                         peak_mb=memory.extra_mb, gpu_peak_mb=memory.gpu_mb)
-            if name == "eager":
+        for candidate in candidates:
+            with context.Pool(1) as pool:
+                times, extra, gpu = pool.apply(
+                    _measure, (candidate, size, image_size, repeats, provider, device, threads))
+            row = Timing(str(size), candidate.name, min(times), statistics.median(times),
+                         peak_mb=extra, gpu_peak_mb=gpu)
+            if candidate.kind == "eager":
                 eager_median = row.median_s
             elif eager_median:
                 row.speedup = eager_median / row.median_s
-            log(f"  {size} {name}: min {row.min_s * 1e3:.1f} ms, median {row.median_s * 1e3:.1f} ms"
+            log(f"  {size} {candidate.name}: min {row.min_s * 1e3:.1f} ms, median {row.median_s * 1e3:.1f} ms"
                 + (f", {row.speedup:.2f}× eager" if row.speedup else "")
                 + (f", peak +{row.peak_mb:.0f} MB" if row.peak_mb is not None else ""))
             rows.append(row)
