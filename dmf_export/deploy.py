@@ -192,7 +192,6 @@ class EpisodeHead(nn.Module):
             self.offset_prototype_weight = nn.Parameter(
                 offset_weight[:, FEATURE_CHANNELS:].clone(), requires_grad=False)
             filter_weight = model.dw_gen.kernel_conv.weight.detach()  # [G·K, 640, 3, 3]
-            self.filter_weight = nn.Parameter(filter_weight.clone(), requires_grad=False)
             self.filter_channels = int(filter_weight.size(0))
             # Bilinear sampling is linear and its points do not depend on the channel, so
             # the DCN may weight first and sample after: per tap t, Y_t = W[:, :, t]·P (a
@@ -203,7 +202,10 @@ class EpisodeHead(nn.Module):
             taps = TAPS
             self.weight_first = taps * self.filter_channels <= FEATURE_CHANNELS
             empty = filter_weight.new_empty(0)
-            self.tap_weight = nn.Parameter(empty, requires_grad=False)  # unused unless weight_first
+            # each path keeps only the weights it reads (the other's stay empty)
+            self.filter_weight = nn.Parameter(
+                empty.clone() if self.weight_first else filter_weight.clone(), requires_grad=False)
+            self.tap_weight = nn.Parameter(empty, requires_grad=False)
             self.tap_select = nn.Parameter(empty.clone(), requires_grad=False)
             self.register_buffer("tap_shift", empty.clone())
             if self.weight_first:
