@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from dmf_export.contract import EpisodeSize, make_episode
+from dmf_export.errors import DMFExportError
 
 
 @dataclasses.dataclass
@@ -65,31 +66,50 @@ class _Candidate:
     name: str
     checkpoint: str
     path: str | None = None
+    torchscript: bool = False
 
 
-def _measure(candidate: _Candidate, size: EpisodeSize, image_size: int, repeats: int,
-             provider: str, device: str, threads: int | None) -> tuple[list[float], float | None, float | None]:
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    repeats: int
+    provider: str
+    device: str
+    threads: int | None
+    cuda_graph: bool
+    tf32: bool
+
+
+def _measure(candidate: _Candidate, size: EpisodeSize, image_size: int,
+             settings: _Settings) -> tuple[list[float], float | None, float | None]:
     """Runs in a fresh process: load, make the seeded episode, then time it; peak memory
-    is the process's high-water mark above what it held once loaded (Linux; else None)."""
+    is the process's high-water mark above what it held once loaded (Linux; else None).
+    On a GPU every candidate gets cuDNN's autotuner and the same TF32 setting."""
     import dmf_export  # noqa: F401  (registers the op in this process)
     from dmf_export.checkpoint import load_checkpoint
     from dmf_export.runtime import open_artifact
 
+    device, threads = settings.device, settings.threads
     if threads:
         torch.set_num_threads(threads)
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = settings.tf32
+        torch.backends.cuda.matmul.allow_tf32 = settings.tf32
     support, labels, query = make_episode(size, image_size, seed=0, device=device)
     images = torch.cat([support, query])
     if candidate.kind in ("eager", "backbone"):
         model = load_checkpoint(candidate.checkpoint).to(device)
         fn = (lambda: model(support, labels, query)) if candidate.kind == "eager" else (lambda: model.base(images))
     else:
-        runner = open_artifact(candidate.path, provider=provider, device=device, threads=threads)
+        runner = open_artifact(candidate.path, provider=settings.provider, device=device, threads=threads,
+                               cuda_graph=settings.cuda_graph and candidate.torchscript, tf32=settings.tf32)
         fn = (lambda: runner.encode(images)) if candidate.kind == "encoder" else (lambda: runner(support, labels, query))
     loaded = _status_mb("VmRSS")
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
-        times = time_episode(fn, repeats, device=device)
+        times = time_episode(fn, settings.repeats, warmup=3 if device.startswith("cuda") else 1,
+                             device=device)
     peak = _status_mb("VmHWM")
     extra = max(peak - loaded, 0.0) if peak is not None and loaded is not None else None
     gpu = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
@@ -99,9 +119,13 @@ def _measure(candidate: _Candidate, size: EpisodeSize, image_size: int, repeats:
 def bench(checkpoint: str, artifacts: Sequence[str], sizes: Sequence[EpisodeSize], *,
           image_size: int | None = None, repeats: int = 3, eager: bool = True,
           backbone: bool = True, provider: str = "cpu", device: str = "cpu",
-          threads: int | None = None, log: Callable[[str], None] = lambda _: None) -> list[Timing]:
+          threads: int | None = None, cuda_graph: bool = False, tf32: bool = False, log: Callable[[str], None] = lambda _: None) -> list[Timing]:
     """Each candidate runs in a fresh process (so its peak memory is its own), one after
-    another, on the same seeded episode."""
+    another, on the same seeded episode.
+
+    ``cuda_graph``: TorchScript artifacts replay a captured CUDA graph (``device`` cuda).
+    ``tf32``: on a GPU, let fp32 convolutions and matmuls use TF32, for the eager model
+    and the artifacts alike (off: IEEE fp32 everywhere, as the 1e-4 parity assumes)."""
     import multiprocessing
 
     from dmf_export.runtime import read_info
@@ -114,10 +138,21 @@ def bench(checkpoint: str, artifacts: Sequence[str], sizes: Sequence[EpisodeSize
         candidates.append(_Candidate("eager", "eager", checkpoint))
     if backbone:
         candidates.append(_Candidate("backbone", "eager backbone", checkpoint))
+    on_gpu = device.startswith("cuda")
+    if cuda_graph and not on_gpu:
+        raise DMFExportError("--cuda-graph needs --device cuda")
+    if on_gpu and not torch.cuda.is_available():
+        raise DMFExportError(f"device {device!r}: this torch sees no CUDA GPU")
+    for path, info in infos.items():  # refuse before minutes of timing, not after
+        if info.format == "torchscript" and info.precision == "fp16" and not on_gpu:
+            raise DMFExportError(f"{path} is an fp16 TorchScript graph: bench it on a GPU (--device cuda)")
     for path, info in infos.items():
+        ts = info.format == "torchscript"
+        tag = " (CUDA graph)" if cuda_graph and ts else ""
         if info.graph == "encoder":
-            candidates.append(_Candidate("encoder", f"{path} (encoder only)", checkpoint, path))
-        candidates.append(_Candidate("artifact", path, checkpoint, path))
+            candidates.append(_Candidate("encoder", f"{path} (encoder only){tag}", checkpoint, path, ts))
+        candidates.append(_Candidate("artifact", f"{path}{tag}", checkpoint, path, ts))
+    settings = _Settings(repeats, provider, device, threads, cuda_graph, tf32)
     context = multiprocessing.get_context("spawn")
     rows: list[Timing] = []
     for size in sizes:
@@ -125,7 +160,7 @@ def bench(checkpoint: str, artifacts: Sequence[str], sizes: Sequence[EpisodeSize
         for candidate in candidates:
             with context.Pool(1) as pool:
                 times, extra, gpu = pool.apply(
-                    _measure, (candidate, size, image_size, repeats, provider, device, threads))
+                    _measure, (candidate, size, image_size, settings))
             row = Timing(str(size), candidate.name, min(times), statistics.median(times),
                          peak_mb=extra, gpu_peak_mb=gpu)
             if candidate.kind == "eager":

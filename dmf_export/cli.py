@@ -143,6 +143,10 @@ def export(checkpoint, fmt, output, solver, steps, precision, graph, onnx_flavor
     if precision == "fp16" and not _gpu_available():
         _log("skipping verify: fp16 artifacts run on a GPU; none here (verify it where one is)")
         return
+    if precision == "fp16" and fmt == "onnx" and not _ort_has_cuda():
+        _log("skipping verify: fp16 ONNX runs on onnxruntime's CUDA provider, which this onnxruntime "
+             "lacks (pip install onnxruntime-gpu, then dmf-export verify --provider cuda)")
+        return
     target = written[0].path
     ok = _run_verify(str(target), checkpoint, provider="cuda" if precision == "fp16" and fmt == "onnx" else "cpu",
                      device="cuda" if precision == "fp16" else "cpu")
@@ -154,6 +158,12 @@ def _gpu_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _ort_has_cuda() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 def _run_verify(artifact, checkpoint, as_json=False, **kwargs) -> bool:
@@ -185,8 +195,10 @@ def _run_verify(artifact, checkpoint, as_json=False, **kwargs) -> bool:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--rtol", type=float, help="Relative tolerance (default 1e-4 fp32, 1e-2 fp16).")
 @click.option("--atol", type=float, help="Absolute tolerance (default 1e-4 fp32, 1e-2 fp16).")
+@click.option("--cuda-graph", is_flag=True,
+              help="TorchScript on a GPU: run each episode from a captured CUDA graph.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
-def verify(artifact, checkpoint, provider, device, sizes, seed, rtol, atol, as_json):
+def verify(artifact, checkpoint, provider, device, sizes, seed, rtol, atol, cuda_graph, as_json):
     """Run ARTIFACT and the eager model on the same seeded episodes and compare.
 
     Exits 1 when any episode is outside the tolerances.
@@ -198,7 +210,7 @@ def verify(artifact, checkpoint, provider, device, sizes, seed, rtol, atol, as_j
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--sizes")
     ok = _run_verify(artifact, checkpoint, as_json=as_json, provider=provider, device=device,
-                     sizes=parsed, seed=seed, rtol=rtol, atol=atol)
+                     sizes=parsed, seed=seed, rtol=rtol, atol=atol, cuda_graph=cuda_graph)
     if not ok:
         sys.exit(1)
 
@@ -213,10 +225,16 @@ def verify(artifact, checkpoint, provider, device, sizes, seed, rtol, atol, as_j
 @click.option("--no-eager", is_flag=True, help="Do not time the eager original (it is slow on a CPU).")
 @click.option("--no-backbone", is_flag=True, help="Do not time the eager backbone alone.")
 @click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]))
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True,
+              help="torch device for the eager model and TorchScript artifacts (cpu, cuda, cuda:1).")
+@click.option("--cuda-graph", is_flag=True,
+              help="TorchScript on a GPU: replay each episode from a captured CUDA graph.")
+@click.option("--tf32", is_flag=True,
+              help="On a GPU, let fp32 convolutions use TF32 (eager and artifacts alike; ~1e-3 "
+                   "from the original). Off: IEEE fp32.")
 @click.option("--json", "as_json", is_flag=True)
 def bench(artifacts, checkpoint, sizes, repeats, threads, no_eager, no_backbone, provider, device,
-          as_json):
+          cuda_graph, tf32, as_json):
     """Per-episode latency (min/median) and peak memory of the eager model and of
     ARTIFACTS, side by side on the same episodes.
 
@@ -237,7 +255,7 @@ def bench(artifacts, checkpoint, sizes, repeats, threads, no_eager, no_backbone,
         raise click.BadParameter(str(err), param_hint="--sizes")
     rows = run_bench(checkpoint, artifacts, parsed, repeats=repeats, eager=not no_eager,
                      backbone=not no_backbone, provider=provider, device=device, threads=threads,
-                     log=(lambda _: None) if as_json else _log)
+                     cuda_graph=cuda_graph, tf32=tf32, log=(lambda _: None) if as_json else _log)
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
         return

@@ -7,6 +7,7 @@ head is found beside it.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -69,33 +70,107 @@ def _split_partner(path: Path, info: ArtifactInfo) -> Path:
     return partner
 
 
+class _CudaGraphs:
+    """Replays ``fn`` from a CUDA graph captured once per input signature (shapes, dtypes).
+
+    Capture follows PyTorch's recipe: warm-up runs on a side stream (cuDNN's algorithm
+    choice, TorchScript's profiling runs), then one captured call on static input tensors;
+    each call copies its inputs in, replays, and returns a copy of the static output.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.graphs: dict = {}
+
+    def __call__(self, *args):
+        key = tuple((tuple(a.shape), a.dtype) for a in args)
+        entry = self.graphs.get(key)
+        if entry is None:
+            static = [a.clone() for a in args]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.WARMUP):
+                    self.fn(*static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.fn(*static)
+            entry = self.graphs[key] = (graph, static, out)
+        graph, static, out = entry
+        for dst, src in zip(static, args):
+            dst.copy_(src)
+        graph.replay()
+        return out.clone()
+
+
+class _ExactFloat32:
+    """While active, cuDNN convolutions and cuBLAS matmuls stay in IEEE fp32 (no TF32).
+
+    PyTorch lets cuDNN use TF32 by default on Ampere and later, which moves scores by
+    ~1e-3: an fp32 artifact promises 1e-4 of the original.
+    """
+
+    def __enter__(self):
+        self.saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
 class TorchScriptRunner:
+    """``cuda_graph``: replay each episode size from a captured CUDA graph (GPU only).
+    ``tf32``: let an fp32 graph use TF32 on the GPU (faster, ~1e-3 from the original);
+    off by default, so fp32 means fp32."""
+
     backend = "torchscript"
 
-    def __init__(self, path: Path, info: ArtifactInfo, device: str = "cpu"):
+    def __init__(self, path: Path, info: ArtifactInfo, device: str = "cpu", *,
+                 cuda_graph: bool = False, tf32: bool = False):
         import dmf_export  # noqa: F401  (registers dmf::deform_conv2d for the loaded graph)
 
         self.info, self.device = info, torch.device(device)
         self.dtype = torch.float16 if info.precision == "fp16" else torch.float32
-        if self.dtype == torch.float16 and self.device.type != "cuda":
+        on_gpu = self.device.type == "cuda"
+        if self.dtype == torch.float16 and not on_gpu:
             raise DMFExportError(f"{path} is an fp16 TorchScript graph: run it on a GPU (--device cuda)")
+        if cuda_graph and not on_gpu:
+            raise DMFExportError("CUDA graphs need a GPU (--device cuda)")
+        if on_gpu and not torch.cuda.is_available():
+            raise DMFExportError(f"device {device!r}: this torch sees no CUDA GPU")
+        self._exact = on_gpu and self.dtype == torch.float32 and not tf32
         load = lambda p: _jit_load(p, map_location=self.device).eval()  # noqa: E731
         if info.graph == "episode":
             self.episode = load(path)
         else:
             self.encoder, self.head = load(path), load(_split_partner(path, info))
+            self.episode = lambda s, y, q: self.head(self.encoder(s), y, self.encoder(q))  # noqa: E731
+        self._encode = self.encoder if info.graph != "episode" else None
+        if cuda_graph:
+            self.episode = _CudaGraphs(self.episode)
+            if self._encode is not None:
+                self._encode = _CudaGraphs(self._encode)
+
+    def _context(self):
+        return _ExactFloat32() if self._exact else contextlib.nullcontext()
 
     @torch.inference_mode()
     def encode(self, images):
         """Backbone features of a split export's encoder."""
-        return self.encoder(images.to(self.device, self.dtype))
+        if self._encode is None:
+            raise DMFExportError("encode() needs the encoder of a split export")
+        with self._context():
+            return self._encode(images.to(self.device, self.dtype))
 
     @torch.inference_mode()
     def __call__(self, support, support_labels, query):
         args = [t.to(self.device, self.dtype) for t in (support, support_labels, query)]
-        if self.info.graph == "episode":
+        with self._context():
             return self.episode(*args)
-        return self.head(self.encoder(args[0]), args[1], self.encoder(args[2]))
 
 
 class OnnxRunner:
@@ -143,11 +218,16 @@ class OnnxRunner:
         return torch.from_numpy(scores)
 
 
-def open_artifact(path, provider: str = "cpu", device: str = "cpu", threads: int | None = None):
+def open_artifact(path, provider: str = "cpu", device: str = "cpu", threads: int | None = None, *,
+                  cuda_graph: bool = False, tf32: bool = False):
+    """A runner for the artifact at ``path``; ``cuda_graph`` and ``tf32`` apply to
+    TorchScript on a GPU (see ``TorchScriptRunner``)."""
     path = Path(path)
     info = read_info(path)
     if info.format == "torchscript":
-        return TorchScriptRunner(path, info, device)
+        return TorchScriptRunner(path, info, device, cuda_graph=cuda_graph, tf32=tf32)
+    if cuda_graph:
+        raise DMFExportError(f"{path}: --cuda-graph applies to TorchScript artifacts")
     if info.format == "onnx":
         return OnnxRunner(path, info, provider, threads)
     if info.format == "tensorrt":

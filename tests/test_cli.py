@@ -153,3 +153,35 @@ def test_bench_json_times_eager_backbone_and_each_artifact_on_the_same_episode(c
         for row in group[1:]:
             assert row["speedup"] == pytest.approx(eager_median / row["median_s"])
             assert 0 < row["min_s"] <= row["median_s"]
+
+
+def test_fp16_onnx_export_skips_verify_when_onnxruntime_has_no_cuda_provider(checkpoint, tmp_path,
+                                                                             monkeypatch):
+    import onnxruntime
+
+    import dmf_export.cli as cli
+
+    # a torch that sees a GPU beside an onnxruntime without the CUDA provider
+    monkeypatch.setattr(cli, "_gpu_available", lambda: True)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    target = tmp_path / "m.fp16.onnx"
+    code, out = run("export", checkpoint, "-f", "onnx", "--precision", "fp16", "-o", target,
+                    "--image-size", 32)
+    assert code == 0, out
+    assert target.is_file() and "skipping verify" in out and "CUDA provider" in out
+
+
+def test_bench_cuda_graph_without_a_gpu_device_is_one_clear_line(checkpoint, tmp_path):
+    target = tmp_path / "m.ts"
+    assert run("export", checkpoint, "-f", "torchscript", "-o", target, "--image-size", 32, "--no-verify")[0] == 0
+    code, out = run("bench", target, "-c", checkpoint, "--cuda-graph", "--sizes", "2w1s1q")
+    assert code != 0 and "--device cuda" in one_error_line(out)
+
+
+def test_bench_refuses_an_fp16_torchscript_on_a_cpu_before_timing_anything(checkpoint, tmp_path):
+    target = tmp_path / "m.fp16.ts"
+    assert run("export", checkpoint, "-f", "torchscript", "--precision", "fp16", "-o", target,
+               "--image-size", 32, "--no-verify")[0] == 0
+    code, out = run("bench", target, "-c", checkpoint, "--sizes", "2w1s1q")
+    assert code != 0 and "on a GPU" in one_error_line(out)
+    assert "eager" not in out  # refused up front, nothing was timed

@@ -205,3 +205,55 @@ def test_other_solvers_match_torchdiffeq_with_the_same_fixed_steps(exported, eag
     scores = runner(support, labels, query)
     torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(expected, original, rtol=1e-4, atol=1e-4), "the solver made no difference"
+
+
+# -- on a GPU (skipped without one) ---------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("groups,kernel", CONFIGS)
+def test_torchscript_fp32_on_cuda_matches_eager_within_1e_4(exported, eager, groups, kernel):
+    checkpoint, (path,) = exported(groups, kernel, "torchscript")
+    assert_matches_eager(open_artifact(path, device="cuda"), eager(checkpoint))
+
+
+@needs_cuda
+@pytest.mark.parametrize("groups,kernel", [(64, 1), (64, 3)])
+def test_torchscript_fp16_on_cuda_matches_eager_within_1e_2(exported, eager, groups, kernel):
+    checkpoint, (path,) = exported(groups, kernel, "torchscript", precision="fp16")
+    runner = open_artifact(path, device="cuda")
+    model = eager(checkpoint)
+    for i, size in enumerate(SIZES[:3]):
+        support, labels, query = make_episode(size, IMAGE, seed=40 + i)
+        with torch.inference_mode():
+            expected = model(support, labels, query)
+        scores = runner(support, labels, query)
+        assert scores.dtype == torch.float16 and scores.is_cuda
+        torch.testing.assert_close(scores.float().cpu(), expected, rtol=1e-2, atol=1e-2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("graph", ["episode", "split"])
+def test_cuda_graph_replay_reads_each_calls_inputs(exported, eager, graph):
+    checkpoint, paths = exported(64, 1, "torchscript", graph=graph)
+    runner = open_artifact(paths[0], device="cuda", cuda_graph=True)
+    model = eager(checkpoint)
+    size = EpisodeSize(5, 1, 4)
+    for seed in (50, 51, 52):  # one capture, then replays on new inputs of the same shapes
+        support, labels, query = make_episode(size, IMAGE, seed=seed)
+        with torch.inference_mode():
+            expected = model(support, labels, query)
+        torch.testing.assert_close(runner(support, labels, query).cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_cuda_graphs_and_fp16_torchscript_refuse_a_cpu_device(exported):
+    from dmf_export.errors import DMFExportError
+
+    _, (path,) = exported(64, 1, "torchscript")
+    with pytest.raises(DMFExportError, match="CUDA graphs need a GPU"):
+        open_artifact(path, cuda_graph=True)
+    _, (onnx_path,) = exported(64, 1, "onnx")
+    with pytest.raises(DMFExportError, match="applies to TorchScript"):
+        open_artifact(onnx_path, cuda_graph=True)

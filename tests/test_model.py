@@ -270,7 +270,8 @@ def test_bad_episode_is_one_clear_error(changes, message, dmf_model, make_episod
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu(dmf_model, make_episode):
+def test_cuda_matches_cpu(dmf_model, make_episode, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 means fp32 here
     model = dmf_model(64, 3)
     support, labels, query = make_episode(way=5, shot=1, queries=3, seed=9)
     with torch.no_grad():
