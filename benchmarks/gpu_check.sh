@@ -12,7 +12,7 @@
 #      CUDA graphs);
 #   3. the DCN on DMF's shapes: CUDA vs CPU parity, ours vs torchvision   → dcn.json;
 #   4. export TorchScript fp32 and fp16 from a seeded random checkpoint (G 64, K 1, 84×84);
-#   5. verify both on the GPU, plain and from CUDA graphs;
+#   5. verify both on the GPU, plain and from CUDA graphs, and fp32 with TF32;
 #   6. bench, eager original vs both artifacts: IEEE fp32    → bench.json,
 #      with CUDA graphs → bench_graph.json, with TF32 → bench_tf32.json.
 # QUICK=1 trims step 6 to 5w1s75q; REPEATS (default 50) episodes per bench row;
@@ -69,6 +69,7 @@ for ts in ck.ts ck.fp16.ts; do
   step "verify-$ts-graph" 300 cli verify "$work/$ts" -c "$work/ck.pth.tar" --device "$device" --cuda-graph \
     --sizes 5w1s75q,5w5s15q
 done
+step verify-ck.ts-tf32 300 cli verify "$work/ck.ts" -c "$work/ck.pth.tar" --device "$device" --tf32
 bench=(cli bench "$work/ck.ts" "$work/ck.fp16.ts" -c "$work/ck.pth.tar" --device "$device" --repeats "$repeats" --json)
 step bench 600 json "$out/bench.json" "${bench[@]}" --sizes "$sizes"
 step bench-graph 600 json "$out/bench_graph.json" "${bench[@]}" --sizes "$sizes" --cuda-graph --no-backbone

@@ -197,8 +197,10 @@ def _run_verify(artifact, checkpoint, as_json=False, **kwargs) -> bool:
 @click.option("--atol", type=float, help="Absolute tolerance (default 1e-4 fp32, 1e-2 fp16).")
 @click.option("--cuda-graph", is_flag=True,
               help="TorchScript on a GPU: run each episode from a captured CUDA graph.")
+@click.option("--tf32", is_flag=True,
+              help="TorchScript fp32 on a GPU: let convolutions use TF32 (to see what it costs in parity).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
-def verify(artifact, checkpoint, provider, device, sizes, seed, rtol, atol, cuda_graph, as_json):
+def verify(artifact, checkpoint, provider, device, sizes, seed, rtol, atol, cuda_graph, tf32, as_json):
     """Run ARTIFACT and the eager model on the same seeded episodes and compare.
 
     Exits 1 when any episode is outside the tolerances.
@@ -210,7 +212,8 @@ def verify(artifact, checkpoint, provider, device, sizes, seed, rtol, atol, cuda
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--sizes")
     ok = _run_verify(artifact, checkpoint, as_json=as_json, provider=provider, device=device,
-                     sizes=parsed, seed=seed, rtol=rtol, atol=atol, cuda_graph=cuda_graph)
+                     sizes=parsed, seed=seed, rtol=rtol, atol=atol, cuda_graph=cuda_graph,
+                     tf32=tf32)
     if not ok:
         sys.exit(1)
 

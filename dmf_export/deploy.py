@@ -303,11 +303,14 @@ class EpisodeHead(nn.Module):
             excess = excess + step_excess + excess * step_excess
         plain = query_features.sum(dim=(2, 3)) @ class_weights.t()  # [Q, way]
         positive = torch.relu(query_features).flatten(2).view(queries, self.groups, per_group, -1)
-        weights = class_weights.view(way, self.groups, per_group)
-        # [G, Q·p, R] @ [G, R, way] → [G, Q·p, way]: Σ_r relu(x)·w per group and position
-        gathered = torch.matmul(positive.permute(1, 0, 3, 2).flatten(1, 2), weights.permute(1, 2, 0))
-        gathered = gathered.view(self.groups, queries, -1, way).permute(1, 3, 0, 2)  # [Q,way,G,p]
-        return plain + (gathered * excess).sum(dim=(2, 3))
+        weights = class_weights.view(way, self.groups, per_group).permute(1, 2, 0)  # [G, R, way]
+        # [Q, G, p, R] @ [G, R, way] → [Q, G, p, way]: Σ_r relu(x)·w per group and position
+        # (the transpose of the last two axes is a transposed-operand flag to the matmul)
+        gathered = torch.matmul(positive.transpose(2, 3), weights).flatten(1, 2)  # [Q, G·p, way]
+        # [Q, way, G·p] @ [Q, G·p, way] → [Q, way, way]; its diagonal is Σ_{g,p} excess·gathered.
+        # way× the needed products (tiny), and no copy of either operand into another layout.
+        crossed = torch.matmul(excess.flatten(2), gathered)
+        return plain + torch.diagonal(crossed, 0, 1, 2)
 
 
 # -- episode -------------------------------------------------------------------------

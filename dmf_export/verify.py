@@ -54,12 +54,12 @@ def compare(scores: torch.Tensor, expected: torch.Tensor, tol: Tolerance, size: 
 def verify_artifact(artifact: str, checkpoint: str, *, provider: str = "cpu", device: str = "cpu",
                     sizes: Sequence[EpisodeSize] | None = None, seed: int = 0,
                     rtol: float | None = None, atol: float | None = None,
-                    min_agreement: float | None = None, cuda_graph: bool = False,
+                    min_agreement: float | None = None, cuda_graph: bool = False, tf32: bool = False,
                     log: Callable[[str], None] = lambda _: None) -> Report:
     from dmf_export.checkpoint import load_checkpoint
     from dmf_export.runtime import open_artifact
 
-    runner = open_artifact(artifact, provider=provider, device=device, cuda_graph=cuda_graph)
+    runner = open_artifact(artifact, provider=provider, device=device, cuda_graph=cuda_graph, tf32=tf32)
     info = runner.info
     model = load_checkpoint(checkpoint, groups=info.groups, kernel=info.kernel)
     default = TOLERANCES[info.precision]
