@@ -72,9 +72,12 @@ class FoldedBlock(nn.Module):
         self.pool = bool(block.pool)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.leaky_relu(self.conv1(x), self.negative_slope)
-        out = F.leaky_relu(self.conv2(out), self.negative_slope)
-        out = F.leaky_relu(self.conv3(out) + self.shortcut(x), self.negative_slope)
+        # in place: each conv's output is fresh, and a CPU allocator returns large blocks to
+        # the system, so every new activation-sized tensor costs page faults
+        out = F.leaky_relu(self.conv1(x), self.negative_slope, inplace=True)
+        out = F.leaky_relu(self.conv2(out), self.negative_slope, inplace=True)
+        out = F.leaky_relu(self.conv3(out).add_(self.shortcut(x)), self.negative_slope,
+                           inplace=True)
         if self.pool:
             # ceil_mode: 21 → 11 in the third block
             out = F.max_pool2d(out, kernel_size=2, stride=2, padding=0, dilation=1,
@@ -86,20 +89,31 @@ class Encoder(nn.Module):
     """``images [N, 3, H, W] -> features [N, 640, h, w]``: ResNet-12, BN folded, eval.
 
     Runs channels-last inside (oneDNN's convolutions are about 1.5× faster so on a CPU,
-    and GPUs prefer it too); takes and returns ordinary contiguous tensors.
+    and GPUs prefer it too); takes and returns ordinary contiguous tensors. On a CPU it
+    encodes ``cpu_batch`` images at a time (0: all at once): a block's activations for 16
+    84×84 images stay in the cache between its convolutions, and the encoder ran 1.3× faster
+    so (2-core AMD EPYC). Per image the arithmetic is the same. The TorchScript exporter
+    sets 16; the default 0 suits ``torch.export`` (a loop over a dynamic batch does not
+    export, and onnxruntime plans its own memory).
     """
 
-    def __init__(self, backbone: nn.Module):
+    cpu_batch: Final[int]
+
+    def __init__(self, backbone: nn.Module, cpu_batch: int = 0):
         super().__init__()
         self.blocks = nn.Sequential(*[FoldedBlock(getattr(backbone, f"layer{n}")[0])
                                       for n in range(1, 5)])
         self.blocks.to(memory_format=torch.channels_last)
+        self.cpu_batch = int(cpu_batch)
 
     def forward(self, images: Tensor) -> Tensor:
         if images.dim() != 4 or images.size(1) != 3:
             raise ValueError("images must be [N, 3, H, W]")
-        features = self.blocks(images.contiguous(memory_format=torch.channels_last))
-        return features.contiguous()
+        images = images.contiguous(memory_format=torch.channels_last)
+        if self.cpu_batch > 0 and images.device.type == "cpu" and images.size(0) > self.cpu_batch:
+            parts = [self.blocks(part) for part in images.split(self.cpu_batch)]
+            return torch.cat(parts).contiguous()
+        return self.blocks(images).contiguous()
 
 
 # -- alignment ODE -----------------------------------------------------------------
@@ -338,18 +352,20 @@ class EpisodeGraph(nn.Module):
         return self.head(features[:shots], support_labels, features[shots:])
 
 
-def build_episode_graph(model: nn.Module, solver: str = "rk4", steps: int = 1) -> EpisodeGraph:
+def build_episode_graph(model: nn.Module, solver: str = "rk4", steps: int = 1,
+                        cpu_batch: int = 0) -> EpisodeGraph:
     """The deployment graph of an eager DMF model (``dmf_export.models.DMF``), in eval mode.
 
     ``solver``/``steps``: the fixed-step method and number of steps on [0, 1]; the
-    defaults (rk4, 1 step) are the original. Weights keep the model's dtype and device.
+    defaults (rk4, 1 step) are the original. ``cpu_batch``: images the encoder takes at a
+    time on a CPU (0: all; see ``Encoder``). Weights keep the model's dtype and device.
     """
     tableau(solver)
     check_steps(steps)
     for name in ("groups", "kernel", "base", "dw_gen"):
         if not hasattr(model, name):
             raise DMFExportError(f"not a DMF model: it has no '{name}' (got {type(model).__name__})")
-    graph = EpisodeGraph(Encoder(model.base), EpisodeHead(model, solver, steps))
+    graph = EpisodeGraph(Encoder(model.base, cpu_batch), EpisodeHead(model, solver, steps))
     return graph.eval().requires_grad_(False)
 
 

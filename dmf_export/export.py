@@ -257,7 +257,10 @@ def export_checkpoint(checkpoint: str, opts: ExportOptions,
 
     log(f"loading {checkpoint}")
     model = load_checkpoint(checkpoint, groups=opts.groups, kernel=opts.kernel)
-    episode = build_episode_graph(model, solver=opts.solver, steps=opts.steps).eval()
+    # TorchScript encodes 16 images at a time on a CPU; torch.export cannot loop over a dynamic batch
+    cpu_batch = 16 if opts.format == "torchscript" else 0
+    episode = build_episode_graph(model, solver=opts.solver, steps=opts.steps,
+                                  cpu_batch=cpu_batch).eval()
     dtype = _DTYPE[opts.precision]
     episode = episode.to(dtype)
     modules = {"episode": episode} if opts.graph == "episode" else {

@@ -109,6 +109,17 @@ def test_episode_graph_matches_eager_model_at_84x84(dmf, make_episode):
         assert_same_scores(graph(*inputs), model(*inputs))
 
 
+def test_encoder_taking_a_few_images_at_a_time_matches_eager_backbone(dmf):
+    model, _ = dmf(64, 1)
+    encoder = build_episode_graph(model, cpu_batch=3).encoder  # 8 images: 3 + 3 + 2
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        features = encoder(images)
+        expected = model.base(images)
+    assert features.is_contiguous() and features.shape == expected.shape
+    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 def test_episode_graph_is_exact_in_float64(dmf, make_episode, config):
     # in float64 the restructuring (BN folding, split offset conv, element-wise
