@@ -211,8 +211,10 @@ class EpisodeHead(nn.Module):
             # the DCN may weight first and sample after: per tap t, Y_t = W[:, :, t]·P (a
             # 1×1 conv of the `way` prototypes), then sample Y_t at tap t's points
             # (a 1×1 DCN, one offset group per tap, offsets shifted by the tap's place)
-            # and sum the taps. Exact in real arithmetic; it samples 9·G·K channels per
-            # pair instead of 640·9, so it pays when 9·G·K ≤ 640 (the default G = 64, K = 1).
+            # and sum the taps (that DCN's 1×1 weight [I I … I]). Exact in real arithmetic;
+            # per pair it samples 9·G·K channels instead of 640·9 and multiplies a G·K × 9·G·K
+            # matrix instead of G·K × 5760, so it pays when 9·G·K ≤ 640 (the default G = 64,
+            # K = 1); its input, the weighted planes of every pair, grows as 9·G·K.
             taps = TAPS
             self.weight_first = taps * self.filter_channels <= FEATURE_CHANNELS
             empty = filter_weight.new_empty(0)
@@ -226,10 +228,10 @@ class EpisodeHead(nn.Module):
                 self.tap_weight = nn.Parameter(  # row t·O + o = W[o, :, i, j], t = 3i + j
                     filter_weight.permute(2, 3, 0, 1).reshape(-1, FEATURE_CHANNELS, 1, 1).clone(),
                     requires_grad=False)
-                self.tap_select = nn.Parameter(  # group t: the identity on its O channels
+                self.tap_select = nn.Parameter(  # [I I … I]: output o sums channel o of every tap
                     torch.eye(self.filter_channels, dtype=filter_weight.dtype,
-                              device=filter_weight.device).repeat(taps, 1)
-                    .view(-1, self.filter_channels, 1, 1), requires_grad=False)
+                              device=filter_weight.device).repeat(1, taps)
+                    .view(self.filter_channels, -1, 1, 1), requires_grad=False)
                 # tap (i, j) of the 3×3, pad-1 DCN samples at (y + i − 1 + dy, x + j − 1 + dx)
                 shift = [float(d) for i in range(3) for j in range(3) for d in (i - 1, j - 1)]
                 self.tap_shift = torch.tensor(
@@ -271,11 +273,10 @@ class EpisodeHead(nn.Module):
             tap_planes = F.conv2d(prototypes, self.tap_weight)  # [way, 9·O, h, w]
             pair_planes = tap_planes.unsqueeze(0).expand(queries, way, self.taps * self.filter_channels,
                                                          height, width).flatten(0, 1)
-            sampled = torch.ops.dmf.deform_conv2d(pair_planes, offsets + self.tap_shift,
-                                                  self.tap_select, [1, 1], [0, 0], [1, 1],
-                                                  self.taps, self.taps)
-            meta_filter = torch.sigmoid(sampled.view(
-                queries * way, self.taps, self.filter_channels, height, width).sum(1))
+            # one offset group per tap; the 1×1 weight [I I … I] sums the taps in its GEMM
+            meta_filter = torch.sigmoid(torch.ops.dmf.deform_conv2d(
+                pair_planes, offsets + self.tap_shift, self.tap_select, [1, 1], [0, 0], [1, 1],
+                1, self.taps))
         else:
             pair_prototypes = prototypes.unsqueeze(0).expand(queries, way, channels, height,
                                                              width).flatten(0, 1)
