@@ -274,14 +274,14 @@ class EpisodeHead(nn.Module):
             pair_planes = tap_planes.unsqueeze(0).expand(queries, way, self.taps * self.filter_channels,
                                                          height, width).flatten(0, 1)
             # one offset group per tap; the 1×1 weight [I I … I] sums the taps in its GEMM
-            meta_filter = torch.sigmoid(torch.ops.dmf.deform_conv2d(
+            meta_filter = torch.ops.dmf.deform_conv2d(
                 pair_planes, offsets + self.tap_shift, self.tap_select, [1, 1], [0, 0], [1, 1],
-                1, self.taps))
+                1, self.taps).sigmoid_()
         else:
             pair_prototypes = prototypes.unsqueeze(0).expand(queries, way, channels, height,
                                                              width).flatten(0, 1)
-            meta_filter = torch.sigmoid(torch.ops.dmf.deform_conv2d(
-                pair_prototypes, offsets, self.filter_weight, [1, 1], [1, 1], [1, 1], 1, 1))
+            meta_filter = torch.ops.dmf.deform_conv2d(
+                pair_prototypes, offsets, self.filter_weight, [1, 1], [1, 1], [1, 1], 1, 1).sigmoid_()
 
         # score[q, k] = Σ_{ch,p} x1[q,k,ch,p] · mean_p(P̂[k,ch,p]) / ((h+2)(w+2)).
         # Quirk: the original's padded 1×1 conv + spatial mean counts the zero border.
@@ -310,9 +310,10 @@ class EpisodeHead(nn.Module):
         per_group = self.channels // self.groups
         filters = meta_filter.flatten(2).view(queries, way, self.groups, -1)  # F[q,k,g,p]
         # R(z) − 1 = Σ_j growth[j] z^(j+1), dt folded in; Horner, without the leading 1
+        # (in place: [Q, way, G, h·w] is large for G = 640, and each fresh tensor page-faults)
         excess = filters * self.growth[-1]
         for j in range(len(self.growth) - 2, -1, -1):
-            excess = (excess + self.growth[j]) * filters
+            excess = excess.add_(self.growth[j]).mul_(filters)
         step_excess = excess
         for _ in range(self.steps - 1):  # (1 + a)(1 + b) − 1 = a + b + ab
             excess = excess + step_excess + excess * step_excess
