@@ -81,7 +81,10 @@ rows = json.load(open(sys.argv[1]))
 print(sys.argv[1].rsplit("/", 1)[-1])
 for r in rows:
     speed = f"{r['speedup']:.2f}x eager" if r["speedup"] else ""
-    print(f"  {r['size']:<8} {r['name'][-40:]:<40} median {r['median_s'] * 1e3:8.2f} ms  min {r['min_s'] * 1e3:8.2f} ms  {speed}")
+    floor = f"{r['vs_backbone']:.2f} of backbone" if r.get("vs_backbone") else ""
+    gpu = f"{r['gpu_peak_mb']:.0f} MB" if r.get("gpu_peak_mb") else ""
+    print(f"  {r['size']:<8} {r['name'][-40:]:<40} median {r['median_s'] * 1e3:8.2f} ms  "
+          f"min {r['min_s'] * 1e3:8.2f} ms  {speed:>11} {floor:>17} {gpu:>8}")
 PY
 done
 rm -rf "$work"

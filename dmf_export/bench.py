@@ -26,6 +26,8 @@ class Timing:
     min_s: float
     median_s: float
     speedup: float | None = None     # eager median ÷ this median, same size, same run
+    vs_backbone: float | None = None  # this median ÷ the eager backbone's, same size
+    vs_encoder: float | None = None   # this median ÷ its format's split encoder alone, same size
     peak_mb: float | None = None     # peak resident memory above the loaded process (CPU)
     gpu_peak_mb: float | None = None  # torch's peak CUDA allocation (torch-based candidates)
 
@@ -67,6 +69,7 @@ class _Candidate:
     checkpoint: str
     path: str | None = None
     torchscript: bool = False
+    family: tuple = ()  # (format, precision): whose encoder-only row is this one's floor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,26 +152,38 @@ def bench(checkpoint: str, artifacts: Sequence[str], sizes: Sequence[EpisodeSize
     for path, info in infos.items():
         ts = info.format == "torchscript"
         tag = " (CUDA graph)" if cuda_graph and ts else ""
+        family = (info.format, info.precision)
         if info.graph == "encoder":
-            candidates.append(_Candidate("encoder", f"{path} (encoder only){tag}", checkpoint, path, ts))
-        candidates.append(_Candidate("artifact", f"{path}{tag}", checkpoint, path, ts))
+            candidates.append(_Candidate("encoder", f"{path} (encoder only){tag}", checkpoint, path, ts,
+                                         family))
+        candidates.append(_Candidate("artifact", f"{path}{tag}", checkpoint, path, ts, family))
     settings = _Settings(repeats, provider, device, threads, cuda_graph, tf32)
     context = multiprocessing.get_context("spawn")
     rows: list[Timing] = []
     for size in sizes:
-        eager_median = None
+        measured = []
         for candidate in candidates:
             with context.Pool(1) as pool:
                 times, extra, gpu = pool.apply(
                     _measure, (candidate, size, image_size, settings))
             row = Timing(str(size), candidate.name, min(times), statistics.median(times),
                          peak_mb=extra, gpu_peak_mb=gpu)
-            if candidate.kind == "eager":
-                eager_median = row.median_s
-            elif eager_median:
-                row.speedup = eager_median / row.median_s
             log(f"  {size} {candidate.name}: min {row.min_s * 1e3:.1f} ms, median {row.median_s * 1e3:.1f} ms"
-                + (f", {row.speedup:.2f}× eager" if row.speedup else "")
                 + (f", peak +{row.peak_mb:.0f} MB" if row.peak_mb is not None else ""))
-            rows.append(row)
+            measured.append((candidate, row))
+        _ratios(measured)
+        rows.extend(row for _, row in measured)
     return rows
+
+
+def _ratios(measured: list) -> None:
+    """Fill each row's ratios from the same size's eager, eager-backbone and encoder rows."""
+    medians = {c.kind: r.median_s for c, r in measured if c.kind in ("eager", "backbone")}
+    encoders = {c.family: r.median_s for c, r in measured if c.kind == "encoder"}
+    for candidate, row in measured:
+        if candidate.kind != "eager" and "eager" in medians:
+            row.speedup = medians["eager"] / row.median_s
+        if candidate.kind not in ("eager", "backbone") and "backbone" in medians:
+            row.vs_backbone = row.median_s / medians["backbone"]
+        if candidate.kind == "artifact" and candidate.family in encoders:
+            row.vs_encoder = row.median_s / encoders[candidate.family]

@@ -244,6 +244,8 @@ def bench(artifacts, checkpoint, sizes, repeats, threads, no_eager, no_backbone,
     \b
     The eager backbone and the encoder of a split export (pass its .encoder. file) are
     also timed alone on the episode's S + Q images: the floor an episode graph can reach.
+    Each artifact's median is divided by the eager backbone's (÷ backbone) and by the
+    encoder of the same format and precision, when one is among ARTIFACTS (÷ encoder).
     Example:
       dmf-export bench m.onnx m.encoder.onnx m.ts -c m.pth.tar --sizes 5w1s75q,5w5s75q --threads 2
     """
@@ -262,12 +264,18 @@ def bench(artifacts, checkpoint, sizes, repeats, threads, no_eager, no_backbone,
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
         return
-    click.echo(f"{'episode':<10} {'what':<44} {'min ms':>9} {'median ms':>10} {'vs eager':>9} {'peak MB':>8}")
+    gpu = any(r.gpu_peak_mb is not None for r in rows)
+    click.echo(f"{'episode':<9} {'what':<40} {'min ms':>8} {'median ms':>9} {'vs eager':>8} "
+               f"{'÷ backbone':>10} {'÷ encoder':>9} {'peak MB':>7}" + (f" {'GPU MB':>7}" if gpu else ""))
+    ratio = lambda v, fmt: format(v, fmt) if v else ""  # noqa: E731
     for r in rows:
-        speed = f"{r.speedup:.2f}×" if r.speedup else ""
         peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "?"
-        click.echo(f"{r.size:<10} {r.name[-44:]:<44} {r.min_s * 1e3:>9.1f} {r.median_s * 1e3:>10.1f} "
-                   f"{speed:>9} {peak:>8}")
+        gpu_peak = f" {r.gpu_peak_mb:>7.0f}" if gpu and r.gpu_peak_mb is not None else ""
+        click.echo(f"{r.size:<9} {r.name[-40:]:<40} {r.min_s * 1e3:>8.1f} {r.median_s * 1e3:>9.1f} "
+                   f"{ratio(r.speedup, '.2f') + ('×' if r.speedup else ''):>8} "
+                   f"{ratio(r.vs_backbone, '.3f'):>10} {ratio(r.vs_encoder, '.3f'):>9} {peak:>7}{gpu_peak}")
+    click.echo("vs eager: eager median ÷ this one; ÷ backbone: this median ÷ the eager backbone's; "
+               "÷ encoder: this median ÷ its format's split encoder alone (the floor).")
 
 
 @main.command()

@@ -149,10 +149,17 @@ def test_bench_json_times_eager_backbone_and_each_artifact_on_the_same_episode(c
     assert [r["name"] for r in rows] == names * 2
     assert [r["size"] for r in rows] == ["2w1s1q"] * 5 + ["3w1s2q"] * 5
     for group in (rows[:5], rows[5:]):
-        eager_median = group[0]["median_s"]
+        eager_median, backbone_median = group[0]["median_s"], group[1]["median_s"]
         for row in group[1:]:
             assert row["speedup"] == pytest.approx(eager_median / row["median_s"])
             assert 0 < row["min_s"] <= row["median_s"]
+        for row in group[2:]:
+            assert row["vs_backbone"] == pytest.approx(row["median_s"] / backbone_median)
+        # the split ONNX episode against the ONNX encoder alone; nothing to hold TorchScript to
+        assert group[4]["vs_encoder"] == pytest.approx(group[4]["median_s"] / group[3]["median_s"])
+        assert group[2]["vs_encoder"] is None and group[3]["vs_encoder"] is None
+    code, out = run("bench", episode, encoder, "-c", checkpoint, "--sizes", "2w1s1q", "--repeats", 1)
+    assert code == 0 and "÷ backbone" in out and "÷ encoder" in out
 
 
 def test_fp16_onnx_export_skips_verify_when_onnxruntime_has_no_cuda_provider(checkpoint, tmp_path,
