@@ -323,10 +323,10 @@ class EpisodeHead(nn.Module):
         # [Q, G, p, R] @ [G, R, way] → [Q, G, p, way]: Σ_r relu(x)·w per group and position
         # (the transpose of the last two axes is a transposed-operand flag to the matmul)
         gathered = torch.matmul(positive.transpose(2, 3), weights).flatten(1, 2)  # [Q, G·p, way]
-        # [Q, way, G·p] @ [Q, G·p, way] → [Q, way, way]; its diagonal is Σ_{g,p} excess·gathered.
-        # way× the needed products (tiny), and no copy of either operand into another layout.
-        crossed = torch.matmul(excess.flatten(2), gathered)
-        return plain + torch.diagonal(crossed, 0, 1, 2)
+        # Σ_{g,p} excess·gathered; only this small [Q, G·p, way] is relaid out. (Not as the
+        # diagonal of a [Q, way, way] matmul: ONNX writes that with EyeLike, which TensorRT's
+        # parser refuses on a dynamic `way`.)
+        return plain + (excess.flatten(2) * gathered.transpose(1, 2)).sum(-1)
 
 
 # -- episode -------------------------------------------------------------------------

@@ -131,6 +131,27 @@ def test_plugin_flavour_writes_the_plugin_node_instead_of_deformconv(exported):
     assert list(weight.dims) == [64 * 9, 640, 3, 3]
 
 
+# ONNX ops that TensorRT's ONNX parser (onnx-tensorrt, operators.md) imports with dynamic
+# shapes. Not in it on purpose: EyeLike ("does not work for dynamically shaped tensors"),
+# which torch.diagonal exports to.
+TENSORRT_DYNAMIC_OPS = {
+    "Add", "Cast", "Clip", "Concat", "Constant", "ConstantOfShape", "Conv", "Div", "Equal",
+    "Expand", "Flatten", "Gather", "Identity", "LeakyRelu", "MatMul", "Max", "MaxPool", "Min",
+    "Mul", "Pad", "Pow", "Range", "ReduceL2", "ReduceMax", "ReduceMean", "ReduceSum", "Relu",
+    "Reshape", "Shape", "Sigmoid", "Slice", "Sqrt", "Squeeze", "Sub", "Transpose", "Unsqueeze",
+}
+
+
+@pytest.mark.parametrize("groups,kernel", CONFIGS)
+def test_plugin_flavour_uses_only_ops_tensorrt_parses_with_dynamic_shapes(exported, groups, kernel):
+    from dmf_export.onnx_ops import PLUGIN_OP
+
+    _, (path,) = exported(groups, kernel, "onnx", onnx_flavor="plugin")
+    ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+    assert PLUGIN_OP in ops
+    assert ops - {PLUGIN_OP} <= TENSORRT_DYNAMIC_OPS, ops - {PLUGIN_OP} - TENSORRT_DYNAMIC_OPS
+
+
 def _fp16_evaluator(model):
     """ONNX's reference evaluator, with Conv and DeformConv computed by torch in float32
     and rounded to float16 (as a GPU accumulates): its own versions are pure Python and
