@@ -323,10 +323,14 @@ class EpisodeHead(nn.Module):
         # [Q, G, p, R] @ [G, R, way] → [Q, G, p, way]: Σ_r relu(x)·w per group and position
         # (the transpose of the last two axes is a transposed-operand flag to the matmul)
         gathered = torch.matmul(positive.transpose(2, 3), weights).flatten(1, 2)  # [Q, G·p, way]
-        # Σ_{g,p} excess·gathered; only this small [Q, G·p, way] is relaid out. (Not as the
-        # diagonal of a [Q, way, way] matmul: ONNX writes that with EyeLike, which TensorRT's
-        # parser refuses on a dynamic `way`.)
-        return plain + (excess.flatten(2) * gathered.transpose(1, 2)).sum(-1)
+        # [Q, way, G·p] @ [Q, G·p, way] → [Q, way, way], whose diagonal is Σ_{g,p} excess·gathered:
+        # way× the products needed (few), and neither operand copied into another layout.
+        crossed = torch.matmul(excess.flatten(2), gathered)
+        # the diagonal through a mask: torch.diagonal exports as ONNX EyeLike, which TensorRT's
+        # parser refuses on a dynamic `way`; Range and Equal it takes
+        index = torch.arange(way, device=crossed.device)
+        diagonal = (index.unsqueeze(1) == index.unsqueeze(0)).to(crossed.dtype)
+        return plain + (crossed * diagonal).sum(-1)
 
 
 # -- episode -------------------------------------------------------------------------
