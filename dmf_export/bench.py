@@ -68,8 +68,11 @@ class _Candidate:
     name: str
     checkpoint: str
     path: str | None = None
-    torchscript: bool = False
     family: tuple = ()  # (format, precision): whose encoder-only row is this one's floor
+
+    @property
+    def torchscript(self) -> bool:
+        return self.family[:1] == ("torchscript",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,13 +153,11 @@ def bench(checkpoint: str, artifacts: Sequence[str], sizes: Sequence[EpisodeSize
         if info.format == "torchscript" and info.precision == "fp16" and not on_gpu:
             raise DMFExportError(f"{path} is an fp16 TorchScript graph: bench it on a GPU (--device cuda)")
     for path, info in infos.items():
-        ts = info.format == "torchscript"
-        tag = " (CUDA graph)" if cuda_graph and ts else ""
         family = (info.format, info.precision)
+        tag = " (CUDA graph)" if cuda_graph and info.format == "torchscript" else ""
         if info.graph == "encoder":
-            candidates.append(_Candidate("encoder", f"{path} (encoder only){tag}", checkpoint, path, ts,
-                                         family))
-        candidates.append(_Candidate("artifact", f"{path}{tag}", checkpoint, path, ts, family))
+            candidates.append(_Candidate("encoder", f"{path} (encoder only){tag}", checkpoint, path, family))
+        candidates.append(_Candidate("artifact", f"{path}{tag}", checkpoint, path, family))
     settings = _Settings(repeats, provider, device, threads, cuda_graph, tf32)
     context = multiprocessing.get_context("spawn")
     rows: list[Timing] = []
