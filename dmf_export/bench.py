@@ -16,7 +16,6 @@ from typing import Callable, Sequence
 import torch
 
 from dmf_export.contract import EpisodeSize, make_episode
-from dmf_export.errors import DMFExportError
 
 
 @dataclasses.dataclass
@@ -134,7 +133,7 @@ def bench(checkpoint: str, artifacts: Sequence[str], sizes: Sequence[EpisodeSize
     and the artifacts alike (off: IEEE fp32 everywhere, as the 1e-4 parity assumes)."""
     import multiprocessing
 
-    from dmf_export.runtime import read_info
+    from dmf_export.runtime import check_device, read_info
 
     infos = {str(a): read_info(a) for a in artifacts}
     if image_size is None:
@@ -144,14 +143,9 @@ def bench(checkpoint: str, artifacts: Sequence[str], sizes: Sequence[EpisodeSize
         candidates.append(_Candidate("eager", "eager", checkpoint))
     if backbone:
         candidates.append(_Candidate("backbone", "eager backbone", checkpoint))
-    on_gpu = device.startswith("cuda")
-    if cuda_graph and not on_gpu:
-        raise DMFExportError("--cuda-graph needs --device cuda")
-    if on_gpu and not torch.cuda.is_available():
-        raise DMFExportError(f"device {device!r}: this torch sees no CUDA GPU")
-    for path, info in infos.items():  # refuse before minutes of timing, not after
-        if info.format == "torchscript" and info.precision == "fp16" and not on_gpu:
-            raise DMFExportError(f"{path} is an fp16 TorchScript graph: bench it on a GPU (--device cuda)")
+    check_device(device, cuda_graph)  # refuse before minutes of timing, not after
+    for path, info in infos.items():
+        check_device(device, path=path, info=info)
     for path, info in infos.items():
         family = (info.format, info.precision)
         tag = " (CUDA graph)" if cuda_graph and info.format == "torchscript" else ""

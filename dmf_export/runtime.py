@@ -70,6 +70,20 @@ def _split_partner(path: Path, info: ArtifactInfo) -> Path:
     return partner
 
 
+def check_device(device: str, cuda_graph: bool = False, path=None,
+                 info: ArtifactInfo | None = None) -> None:
+    """Refuse in one line what ``device`` cannot run: CUDA graphs or a GPU this torch does
+    not see, and (given a TorchScript artifact's ``info``) an fp16 graph off the GPU.
+    Called before loading, and by bench before minutes of timing."""
+    on_gpu = torch.device(device).type == "cuda"
+    if info is not None and info.format == "torchscript" and info.precision == "fp16" and not on_gpu:
+        raise DMFExportError(f"{path} is an fp16 TorchScript graph: run it on a GPU (--device cuda)")
+    if cuda_graph and not on_gpu:
+        raise DMFExportError("CUDA graphs need a GPU (--device cuda)")
+    if on_gpu and not torch.cuda.is_available():
+        raise DMFExportError(f"device {device!r}: this torch sees no CUDA GPU")
+
+
 class _CudaGraphs:
     """Replays ``fn`` from a CUDA graph captured once per input signature (shapes, dtypes).
 
@@ -135,14 +149,8 @@ class TorchScriptRunner:
 
         self.info, self.device = info, torch.device(device)
         self.dtype = torch.float16 if info.precision == "fp16" else torch.float32
-        on_gpu = self.device.type == "cuda"
-        if self.dtype == torch.float16 and not on_gpu:
-            raise DMFExportError(f"{path} is an fp16 TorchScript graph: run it on a GPU (--device cuda)")
-        if cuda_graph and not on_gpu:
-            raise DMFExportError("CUDA graphs need a GPU (--device cuda)")
-        if on_gpu and not torch.cuda.is_available():
-            raise DMFExportError(f"device {device!r}: this torch sees no CUDA GPU")
-        self._exact = on_gpu and self.dtype == torch.float32 and not tf32
+        check_device(device, cuda_graph, path, info)
+        self._exact = self.device.type == "cuda" and self.dtype == torch.float32 and not tf32
         load = lambda p: _jit_load(p, map_location=self.device).eval()  # noqa: E731
         if info.graph == "episode":
             self.episode = load(path)
