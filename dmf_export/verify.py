@@ -14,7 +14,8 @@ class SizeResult:
     size: str
     max_abs: float
     max_rel: float
-    agreement: float
+    agreement: float  # fraction of queries whose arg-max is the eager model's
+    near_ties: int  # queries that disagree only where the eager model's scores tie within tolerance
     passed: bool
 
 
@@ -37,18 +38,31 @@ class Report:
 
 
 def compare(scores: torch.Tensor, expected: torch.Tensor, tol: Tolerance, size: str) -> SizeResult:
-    """Elementwise |a − b| ≤ atol + rtol·|b| (numpy.allclose's rule) and arg-max agreement."""
+    """Elementwise |a − b| ≤ atol + rtol·|b| (numpy.allclose's rule) and arg-max agreement.
+
+    A query whose arg-max differs counts against ``min_agreement`` unless the eager model
+    itself scores the two classes within the tolerance (a near-tie: at fp16, whose step at
+    a score of 12 is 0.008, a gap of 1e-4 between two classes is not there to be seen).
+    """
     scores, expected = scores.detach().double().cpu(), expected.detach().double().cpu()
-    if scores.shape != expected.shape:
-        return SizeResult(size, float("inf"), float("inf"), 0.0, False)
+    if scores.shape != expected.shape or scores.dim() != 2:
+        return SizeResult(size, float("inf"), float("inf"), 0.0, 0, False)
     diff = (scores - expected).abs()
     max_abs = float(diff.max()) if diff.numel() else 0.0
     max_rel = float((diff / expected.abs().clamp_min(1e-12)).max()) if diff.numel() else 0.0
-    agreement = float((scores.argmax(1) == expected.argmax(1)).double().mean())
     finite = bool(torch.isfinite(scores).all())
     close = bool((diff <= tol.atol + tol.rtol * expected.abs()).all())
-    return SizeResult(size, max_abs, max_rel, agreement,
-                      finite and close and agreement >= tol.min_agreement)
+    if not scores.numel():
+        return SizeResult(size, max_abs, max_rel, 1.0, 0, finite and close)
+    picked = scores.argmax(1)
+    same = picked == expected.argmax(1)
+    best = expected.max(1).values
+    shortfall = best - expected.gather(1, picked.unsqueeze(1)).squeeze(1)  # ≥ 0
+    tie = ~same & (shortfall <= tol.atol + tol.rtol * best.abs())
+    agreement = float(same.double().mean())
+    accepted = float((same | tie).double().mean())
+    return SizeResult(size, max_abs, max_rel, agreement, int(tie.sum()),
+                      finite and close and accepted >= tol.min_agreement)
 
 
 def verify_artifact(artifact: str, checkpoint: str, *, provider: str = "cpu", device: str = "cpu",
@@ -80,6 +94,12 @@ def verify_artifact(artifact: str, checkpoint: str, *, provider: str = "cpu", de
         scores = runner(support, labels, query)
         result = compare(scores, expected, tol, str(size))
         log(f"  {size}: max abs {result.max_abs:.2e}, max rel {result.max_rel:.2e}, "
-            f"agreement {result.agreement:.0%} {'ok' if result.passed else 'FAIL'}")
+            f"agreement {result.agreement:.0%}{describe_ties(result.near_ties)} "
+            f"{'ok' if result.passed else 'FAIL'}")
         results.append(result)
     return Report(str(artifact), getattr(runner, "backend", info.format), info.precision, tol, results)
+
+
+def describe_ties(count: int) -> str:
+    """' (+N near-ties)' after an agreement figure, or nothing."""
+    return f" (+{count} near-tie{'s' if count != 1 else ''})" if count else ""
