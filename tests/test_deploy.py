@@ -207,8 +207,12 @@ def test_exported_program_has_dynamic_support_way_and_queries(dmf, make_episode,
     model, graph = dmf(*config)
     shots, way, queries = Dim("S", min=1), Dim("way", min=1), Dim("Q", min=1)
     example = episode(make_episode, 5, 1, 3, 32)
+    # with the exporter's own option (torch.onnx passes it): torch 2.11 cannot prove the
+    # guard min(way, h·w·way) == way that viewing the kernel-1 matmul adds, and without the
+    # option fails on it; torch 2.13 proves it either way
     program = torch.export.export(graph, example, dynamic_shapes={
-        "support": {0: shots}, "support_labels": {0: shots, 1: way}, "query": {0: queries}})
+        "support": {0: shots}, "support_labels": {0: shots, 1: way}, "query": {0: queries}},
+        prefer_deferred_runtime_asserts_over_guards=True)
     targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
     assert targets.count("dmf.deform_conv2d.default") == 1
     assert not [t for t in targets if any(word in t for word in ("bmm", "unfold", "im2col"))]

@@ -213,7 +213,8 @@ def onnxruntime_deform_conv(x, offset, weight, args):
         [node], "deform_conv",
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("X", "W", "offset")],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    # IR 9 is opset 19's; onnx's default (the newest IR) is more than onnxruntime < 1.32 reads
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     feeds = {"X": x.float().numpy(), "W": weight.float().numpy(), "offset": offset.float().numpy()}
     return torch.from_numpy(session.run(None, feeds)[0])
