@@ -14,10 +14,11 @@ into a module that computes the same scores (exact in real arithmetic) in a form
 - the score as one weighted sum.
 
 S, way and Q stay dynamic under ``torch.jit.script`` and ``torch.export``; H and W
-under ``torch.jit.script`` (the head also exports with dynamic h, w; the episode graph
-does not, because ``torch.export`` cannot prove the ceil-mode pooling's size guards).
-torch 2.11's ``torch.export`` needs ``prefer_deferred_runtime_asserts_over_guards=True``
-for a dynamic ``way`` with kernel 1 (``torch.onnx.export`` passes it; 2.13 does without).
+under ``torch.jit.script`` (from torch 2.11 the head also exports with dynamic h, w; the
+episode graph does not, because ``torch.export`` cannot prove the ceil-mode pooling's
+size guards). torch 2.11's ``torch.export`` needs
+``prefer_deferred_runtime_asserts_over_guards=True`` for a dynamic ``way`` with kernel 1
+(``torch.onnx.export`` passes it; 2.13 does without).
 dtype follows the inputs and weights.
 """
 from typing import Final, List, Tuple

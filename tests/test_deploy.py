@@ -5,6 +5,7 @@ formulation with torchdiffeq), never against the graph itself. Small images (32�
 4×4 features, 36×36 → 5×5) keep the backbone cheap; one test runs the real 84×84.
 """
 import copy
+import inspect
 
 import pytest
 import torch
@@ -21,6 +22,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.[a-z]+` is deprecated
 CONFIGS = [(64, 1), (640, 1), (64, 3)]  # (groups, kernel)
 CONFIG_IDS = [f"G{groups}K{kernel}" for groups, kernel in CONFIGS]
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
+TORCH = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+# torch.onnx.export passes this to torch.export where it exists (torch 2.9 and later)
+DEFERRED_ASSERTS = ({"prefer_deferred_runtime_asserts_over_guards": True}
+                    if "prefer_deferred_runtime_asserts_over_guards"
+                    in inspect.signature(torch.export.export).parameters else {})
 
 EPISODES = {  # name: (way, shot, queries, image size)
     "5w1s": (5, 1, 3, 32),
@@ -212,7 +218,7 @@ def test_exported_program_has_dynamic_support_way_and_queries(dmf, make_episode,
     # option fails on it; torch 2.13 proves it either way
     program = torch.export.export(graph, example, dynamic_shapes={
         "support": {0: shots}, "support_labels": {0: shots, 1: way}, "query": {0: queries}},
-        prefer_deferred_runtime_asserts_over_guards=True)
+        **DEFERRED_ASSERTS)
     targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
     assert targets.count("dmf.deform_conv2d.default") == 1
     assert not [t for t in targets if any(word in t for word in ("bmm", "unfold", "im2col"))]
@@ -223,6 +229,8 @@ def test_exported_program_has_dynamic_support_way_and_queries(dmf, make_episode,
             assert_same_scores(exported(*inputs), model(*inputs))
 
 
+@pytest.mark.skipif(TORCH < (2, 11), reason="torch.export before 2.11 cannot prove a dynamic h "
+                    "keeps 640·h·h within int32 (seen on 2.8 and 2.10)")
 def test_exported_head_has_dynamic_support_way_queries_and_feature_size(dmf, make_episode):
     model, graph = dmf(64, 3)
     shots, way, queries = Dim("S", min=1), Dim("way", min=1), Dim("Q", min=1)
