@@ -217,7 +217,7 @@ class EpisodeHead(nn.Module):
             # and sum the taps (that DCN's 1×1 weight [I I … I]). Exact in real arithmetic;
             # per pair it samples 9·G·K channels instead of 640·9 and multiplies a G·K × 9·G·K
             # matrix instead of G·K × 5760, so it pays when 9·G·K ≤ 640 (the default G = 64,
-            # K = 1); its input, the weighted planes of every pair, grows as 9·G·K.
+            # K = 1); its input, the weighted planes of each class, grows as 9·G·K.
             taps = TAPS
             self.weight_first = taps * self.filter_channels <= FEATURE_CHANNELS
             empty = filter_weight.new_empty(0)
@@ -272,19 +272,17 @@ class EpisodeHead(nn.Module):
         offsets = (query_offsets.unsqueeze(1) + prototype_offsets.unsqueeze(0)).flatten(0, 1)
 
         # The deformable conv samples the prototype of each pair at that pair's offsets.
+        # The op reads image i % way for pair i, so each class's planes serve all its queries
+        # without a copy per pair (the ONNX translations expand them for their backends).
         if self.weight_first:
             tap_planes = F.conv2d(prototypes, self.tap_weight)  # [way, 9·O, h, w]
-            pair_planes = tap_planes.unsqueeze(0).expand(queries, way, self.taps * self.filter_channels,
-                                                         height, width).flatten(0, 1)
             # one offset group per tap; the 1×1 weight [I I … I] sums the taps in its GEMM
             meta_filter = torch.ops.dmf.deform_conv2d(
-                pair_planes, offsets + self.tap_shift, self.tap_select, [1, 1], [0, 0], [1, 1],
+                tap_planes, offsets + self.tap_shift, self.tap_select, [1, 1], [0, 0], [1, 1],
                 1, self.taps).sigmoid_()
         else:
-            pair_prototypes = prototypes.unsqueeze(0).expand(queries, way, channels, height,
-                                                             width).flatten(0, 1)
             meta_filter = torch.ops.dmf.deform_conv2d(
-                pair_prototypes, offsets, self.filter_weight, [1, 1], [1, 1], [1, 1], 1, 1).sigmoid_()
+                prototypes, offsets, self.filter_weight, [1, 1], [1, 1], [1, 1], 1, 1).sigmoid_()
 
         # score[q, k] = Σ_{ch,p} x1[q,k,ch,p] · mean_p(P̂[k,ch,p]) / ((h+2)(w+2)).
         # Quirk: the original's padded 1×1 conv + spatial mean counts the zero border.

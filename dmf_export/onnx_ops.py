@@ -44,10 +44,27 @@ def _plugin_schema():
 _plugin_op = onnxscript.values.Op(_plugin_opset, PLUGIN_OP, _plugin_schema())
 
 
+def _per_sample(input, offset):
+    """The input with one image per offset set, image n % N_in for sample n, as both ONNX
+    nodes need: an Expand of [1, N_in, C, H, W] to [N / N_in, N_in, C, H, W], flattened.
+    Left out where the two batch sizes are known to be equal."""
+    try:
+        if input.shape is not None and offset.shape is not None and input.shape[0] == offset.shape[0]:
+            return input
+    except (AttributeError, IndexError, TypeError):
+        pass
+    images = op.Shape(input)  # [N_in, C, H, W]
+    samples = op.Shape(offset, start=0, end=1)
+    repeats = op.Div(samples, op.Shape(input, start=0, end=1))
+    tiled = op.Expand(op.Unsqueeze(input, op.Constant(value_ints=[0])),
+                      op.Concat(repeats, images, axis=0))
+    return op.Reshape(tiled, op.Concat(samples, op.Shape(input, start=1), axis=0))
+
+
 def _standard(input, offset, weight, stride, padding, dilation, groups, offset_groups):
     # DeformConv takes (X, W, offset); kernel_shape is inferred from W.
     return op.DeformConv(
-        input, weight, offset,
+        _per_sample(input, offset), weight, offset,
         strides=list(stride), pads=[padding[0], padding[1], padding[0], padding[1]],
         dilations=list(dilation), group=groups, offset_group=offset_groups,
     )
@@ -55,7 +72,7 @@ def _standard(input, offset, weight, stride, padding, dilation, groups, offset_g
 
 def _plugin(input, offset, weight, stride, padding, dilation, groups, offset_groups):
     return _plugin_op(
-        input, offset, weight,
+        _per_sample(input, offset), offset, weight,
         stride=list(stride), padding=list(padding), dilation=list(dilation),
         groups=groups, offset_groups=offset_groups,
         plugin_version=PLUGIN_VERSION, plugin_namespace=PLUGIN_NAMESPACE,

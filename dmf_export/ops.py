@@ -43,6 +43,8 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, stride: IntPair
     input ``[N, C, H, W]``, offset ``[N, 2*offset_groups*kh*kw, out_h, out_w]`` ((dy, dx)
     per kernel tap, taps in row-major order), weight ``[O, C/groups, kh, kw]`` →
     ``[N, O, out_h, out_w]``. CPU (float32, float64) and CUDA (float32, float16, float64).
+    The input may also hold fewer images, ``N_in`` dividing N: sample n then reads image
+    ``n % N_in`` (one image, many offset sets, no copy per sample). ONNX exports expand it.
     """
     return torch.ops.dmf.deform_conv2d(input, offset, weight, _pair(stride, "stride"),
                                        _pair(padding, "padding"), _pair(dilation, "dilation"),
@@ -53,7 +55,7 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, stride: IntPair
 def _deform_conv2d_fake(input, offset, weight, stride, padding, dilation, groups, offset_groups):
     torch._check(input.dim() == 4 and offset.dim() == 4 and weight.dim() == 4,
                  lambda: "dmf::deform_conv2d: input, offset and weight must be 4-D")
-    n, channels, height, width = input.shape
+    _, channels, height, width = input.shape
     out_channels, group_channels, kernel_h, kernel_w = weight.shape
     torch._check(group_channels * groups == channels,
                  lambda: f"dmf::deform_conv2d: weight {tuple(weight.shape)} does not fit "
@@ -63,7 +65,8 @@ def _deform_conv2d_fake(input, offset, weight, stride, padding, dilation, groups
     torch._check(offset.shape[1] == 2 * offset_groups * kernel_h * kernel_w,
                  lambda: f"dmf::deform_conv2d: offset has {offset.shape[1]} channels, expected "
                          f"2*offset_groups*kh*kw = {2 * offset_groups * kernel_h * kernel_w}")
-    return input.new_empty((n, out_channels, out_h, out_w))
+    # N_in dividing the offsets' batch is the kernels' check; here it would only add guards
+    return input.new_empty((offset.shape[0], out_channels, out_h, out_w))
 
 
 def _setup_context(ctx, inputs, output):

@@ -278,3 +278,50 @@ def test_cuda_graphs_and_fp16_torchscript_refuse_a_cpu_device(exported):
     _, (onnx_path,) = exported(64, 1, "onnx")
     with pytest.raises(DMFExportError, match="applies to TorchScript"):
         open_artifact(onnx_path, cuda_graph=True)
+
+
+# -- the op alone in ONNX ---------------------------------------------------------------
+
+class _DeformConv(torch.nn.Module):
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, input, offset):
+        return torch.ops.dmf.deform_conv2d(input, offset, self.weight, [1, 1], [1, 1], [1, 1], 1, 1)
+
+
+@pytest.mark.parametrize("broadcast", [True, False], ids=["fewer_images", "one_image_each"])
+def test_onnx_deformconv_gets_one_image_per_offset_set(tmp_path, broadcast):
+    """The op's input may hold fewer images than offset sets (sample n reads image n % N_in);
+    ONNX DeformConv may not, so the translation expands them, and only then."""
+    from torch.export import Dim
+
+    from dmf_export.onnx_ops import translation_table
+    from reference_dcn import deform_conv2d_reference
+    import onnxruntime as ort
+
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(4, 6, 3, 3, generator=gen)
+    images, samples = Dim("images", min=1), Dim("samples", min=1)
+
+    def case(n_images, n_samples):
+        return (torch.randn(n_images, 6, 7, 7, generator=gen),
+                torch.randn(n_samples, 18, 7, 7, generator=gen) * 2)
+
+    example = case(2, 6) if broadcast else case(3, 3)
+    dynamic = ({"input": {0: images}, "offset": {0: samples}} if broadcast
+               else {"input": {0: samples}, "offset": {0: samples}})
+    program = torch.onnx.export(_DeformConv(weight), example, dynamo=True, opset_version=19,
+                                input_names=["input", "offset"], dynamic_shapes=dynamic,
+                                custom_translation_table=translation_table("standard"))
+    path = tmp_path / "dcn.onnx"
+    program.save(str(path))
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ("Expand" in ops) == broadcast, ops
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x, offset = case(3, 12) if broadcast else case(5, 5)  # sizes other than the export's
+    out = session.run(None, {"input": x.numpy(), "offset": offset.numpy()})[0]
+    expected = deform_conv2d_reference(x.double().repeat(offset.shape[0] // x.shape[0], 1, 1, 1),
+                                       offset.double(), weight.double(), 1, 1, 1)
+    np.testing.assert_allclose(out, expected.numpy(), rtol=1e-4, atol=1e-4)

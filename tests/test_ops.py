@@ -257,7 +257,7 @@ BAD_ARGUMENTS = {
     "offset_spatial": (_bad(offset=torch.zeros(2, 18, 6, 7, dtype=torch.float64)),
                        "offset must have shape"),
     "offset_batch": (_bad(offset=torch.zeros(3, 18, 7, 7, dtype=torch.float64)),
-                     "offset must have shape"),
+                     r"offset batch \(3\) must equal the input batch \(2\) or be a multiple"),
     "weight_channels": (_bad(weight=torch.zeros(6, 5, 3, 3, dtype=torch.float64)),
                         "input channels per group"),
     "groups_not_dividing": (_bad(groups=3), "groups=3 must divide"),
@@ -387,6 +387,39 @@ def test_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
         _build.load()
 
 
+def broadcast_case(images, samples, **config):
+    """A case whose input holds `images` images for `samples` offset sets, and the same case
+    with sample n's image (n % images) copied out, for the reference."""
+    x, offset, weight, args = make_case(n=samples, **config)
+    x = x[:images].clone()
+    return x, offset, weight, args, x.repeat(samples // images, 1, 1, 1)
+
+
+BROADCAST_CONFIGS = {  # (images, samples, make_case arguments)
+    "3x3": (2, 6, dict(c=6, o=5)),
+    "dmf_weight_first": (3, 12, dict(c=9 * 4, h=5, w=5, o=4, kernel=(1, 1), padding=0,
+                                    offset_groups=9)),
+    "one_image": (1, 5, dict(c=8, o=4, groups=2, offset_groups=4)),
+}
+
+
+@pytest.mark.parametrize("config", BROADCAST_CONFIGS.values(), ids=BROADCAST_CONFIGS.keys())
+def test_an_input_image_serves_every_sample_n_with_n_mod_images(config):
+    images, samples, case = config
+    x, offset, weight, args, per_sample = broadcast_case(images, samples, **case)
+    out = deform_conv2d(x, offset, weight, **args)
+    assert out.shape[0] == samples
+    assert relative_error(out, reference(per_sample, offset, weight, args)) < 1e-12
+
+
+def test_broadcast_input_across_uneven_chunks(monkeypatch):
+    # chunks of one or two samples start at every residue of n mod 3
+    monkeypatch.setenv("DMF_EXPORT_CPU_CHUNK_MB", "0.02")
+    x, offset, weight, args, per_sample = broadcast_case(3, 21, c=8, h=9, w=9, o=5)
+    out = deform_conv2d(x, offset, weight, **args)
+    assert relative_error(out, reference(per_sample, offset, weight, args)) < 1e-12
+
+
 # --- CUDA ------------------------------------------------------------------------------
 
 @needs_cuda
@@ -418,6 +451,15 @@ def test_cuda_float16_matches_cpu_op():
     out = deform_conv2d(x.cuda(), offset.cuda(), weight.cuda(), **args)
     assert out.dtype == torch.float16
     assert relative_error(out, expected) < 1e-2
+
+
+@needs_cuda
+@pytest.mark.parametrize("config", BROADCAST_CONFIGS.values(), ids=BROADCAST_CONFIGS.keys())
+def test_cuda_broadcast_input_matches_reference(config):
+    images, samples, case = config
+    x, offset, weight, args, per_sample = broadcast_case(images, samples, **case)
+    out = deform_conv2d(x.cuda(), offset.cuda(), weight.cuda(), **args)
+    assert relative_error(out, reference(per_sample, offset, weight, args)) < 1e-12
 
 
 @needs_cuda
@@ -497,7 +539,7 @@ extern "C" int emulated_forward(int dtype, const void* input, const void* offset
   s.batch = p[0]; s.channels = p[1]; s.height = p[2]; s.width = p[3]; s.out_channels = p[4];
   s.kernel_h = p[5]; s.kernel_w = p[6]; s.stride_h = p[7]; s.stride_w = p[8]; s.pad_h = p[9];
   s.pad_w = p[10]; s.dilation_h = p[11]; s.dilation_w = p[12]; s.groups = p[13];
-  s.offset_groups = p[14];
+  s.offset_groups = p[14]; s.input_batch = p[15];
   if (dtype == 0) return dmf::deform_conv2d_forward_cuda(nullptr, (const float*)input,
       (const float*)offset, (const float*)weight, (float*)output, s);
   if (dtype == 1) return dmf::deform_conv2d_forward_cuda(nullptr, (const double*)input,
@@ -554,12 +596,28 @@ def test_cuda_kernel_source_under_cpu_emulation_matches_reference(emulated_cuda_
     n, _, _, _ = x.shape
     out_shape = (n, weight.shape[0], offset.shape[2], offset.shape[3])
     output = torch.full(out_shape, float("nan"), dtype=dtype)  # catches unwritten outputs
-    sizes = torch.tensor([*x.shape, weight.shape[0], *weight.shape[2:], *args["stride"],
-                          *args["padding"], *args["dilation"], args["groups"],
-                          args["offset_groups"]], dtype=torch.int64)
-    code = {torch.float32: 0, torch.float64: 1, torch.float16: 2}[dtype]
-    status = emulated_cuda_kernel.emulated_forward(
-        code, *(ctypes.c_void_p(t.data_ptr()) for t in (x, offset, weight, output, sizes)))
+    status = run_emulated(emulated_cuda_kernel, x, offset, weight, output, args, input_batch=0)
     assert status == 0
     tolerance = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3}[dtype]
     assert relative_error(output, reference(x, offset, weight, args)) < tolerance
+
+
+def run_emulated(kernel, x, offset, weight, output, args, input_batch):
+    sizes = torch.tensor([offset.shape[0], *x.shape[1:], weight.shape[0], *weight.shape[2:],
+                          *args["stride"], *args["padding"], *args["dilation"], args["groups"],
+                          args["offset_groups"], input_batch], dtype=torch.int64)
+    code = {torch.float32: 0, torch.float64: 1, torch.float16: 2}[x.dtype]
+    return kernel.emulated_forward(
+        code, *(ctypes.c_void_p(t.data_ptr()) for t in (x, offset, weight, output, sizes)))
+
+
+@pytest.mark.parametrize("config", BROADCAST_CONFIGS.values(), ids=BROADCAST_CONFIGS.keys())
+def test_cuda_kernel_source_under_cpu_emulation_broadcasts_the_input(emulated_cuda_kernel, config):
+    images, samples, case = config
+    x, offset, weight, args, per_sample = broadcast_case(images, samples, **case)
+    output = torch.full((samples, weight.shape[0], *offset.shape[2:]), float("nan"),
+                        dtype=torch.float64)
+    assert run_emulated(emulated_cuda_kernel, x, offset, weight, output, args, images) == 0
+    assert relative_error(output, reference(per_sample, offset, weight, args)) < 1e-12
+    # a batch that the images do not divide is refused, as by the PyTorch op
+    assert run_emulated(emulated_cuda_kernel, x, offset, weight, output, args, samples + 1) != 0

@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kThreads)
     sample_oy = p / s.out_w;
     sample_ox = p - sample_oy * s.out_w;
   }
-  const scalar_t* const sample_image = input + sample_n * s.channels * pixels;
+  const scalar_t* const sample_image = input + image_of(s, sample_n) * s.channels * pixels;
   const int weight_depth = tid % kTileDepth;
 
   acc_t acc[kThreadChannels][kThreadPositions];

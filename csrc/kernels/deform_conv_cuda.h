@@ -9,8 +9,9 @@
 
 namespace dmf {
 
-// output[N, O, out_h, out_w] = deformable convolution of input[N, C, H, W] with
-// offset[N, 2*offset_groups*kh*kw, out_h, out_w] and weight[O, C/groups, kh, kw], all
+// output[N, O, out_h, out_w] = deformable convolution of input[N_in, C, H, W] with
+// offset[N, 2*offset_groups*kh*kw, out_h, out_w] and weight[O, C/groups, kh, kw] (sample n
+// reads input image n % N_in, N_in = shape.input_batch, or n when that is 0), all
 // contiguous (NCHW), all of one type; accumulation in float (double for double).
 // `shape.out_h/out_w` must be filled (complete_output_size). Enqueues on `stream` and
 // returns the launch status (cudaErrorInvalidValue when deform_conv_shape_error(shape)).

@@ -4,10 +4,20 @@
 
 #include <cstdint>
 
+#if defined(__CUDACC__)
+#define DMF_SHAPE_INLINE __host__ __device__ inline
+#else
+#define DMF_SHAPE_INLINE inline
+#endif
+
 namespace dmf {
 
 struct DeformConvShape {
-  int64_t batch = 0;      // N
+  int64_t batch = 0;      // N (offsets and output)
+  // Images in the input: sample n reads image n % input_batch, so one image can serve many
+  // offset sets (DMF: a prototype for each of its queries) without a copy per sample.
+  // 0: as many as samples (image n).
+  int64_t input_batch = 0;
   int64_t channels = 0;   // C (input)
   int64_t height = 0;     // H
   int64_t width = 0;      // W
@@ -34,6 +44,11 @@ struct DeformConvShape {
   int64_t offset_channels() const { return 2 * offset_groups * taps(); }
 };
 
+// The input image that sample n reads (see input_batch).
+DMF_SHAPE_INLINE int64_t image_of(const DeformConvShape& s, int64_t n) {
+  return s.input_batch > 0 ? n % s.input_batch : n;
+}
+
 // Output size of a convolution along one axis (may be <= 0 for a too-small input).
 inline int64_t conv_output_size(int64_t in, int64_t kernel, int64_t stride, int64_t pad,
                                 int64_t dilation) {
@@ -50,6 +65,8 @@ inline void complete_output_size(DeformConvShape& s) {
 inline const char* deform_conv_shape_error(const DeformConvShape& s) {
   if (s.batch < 0 || s.channels < 1 || s.height < 1 || s.width < 1 || s.out_channels < 0)
     return "input needs at least one channel and a non-empty image";
+  if (s.input_batch < 0 || (s.input_batch > 0 && s.batch % s.input_batch != 0))
+    return "the offsets' batch must be a multiple of the input's";
   if (s.kernel_h < 1 || s.kernel_w < 1) return "kernel size must be positive";
   if (s.stride_h < 1 || s.stride_w < 1) return "stride must be positive";
   if (s.dilation_h < 1 || s.dilation_w < 1) return "dilation must be positive";

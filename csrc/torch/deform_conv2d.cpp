@@ -33,8 +33,15 @@ DeformConvShape check_deform_conv2d_args(const at::Tensor& input, const at::Tens
   TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0,
               "dmf::deform_conv2d: padding must be non-negative, got ", padding);
 
+  // The input may hold fewer images than there are offset sets: sample n reads image
+  // n % N_in (DMF: each prototype serves its queries without a copy per pair).
+  TORCH_CHECK(offset.size(0) == input.size(0) ||
+                  (input.size(0) > 0 && offset.size(0) % input.size(0) == 0),
+              "dmf::deform_conv2d: the offset batch (", offset.size(0),
+              ") must equal the input batch (", input.size(0), ") or be a multiple of it");
   DeformConvShape s;
-  s.batch = input.size(0);
+  s.batch = offset.size(0);
+  s.input_batch = input.size(0);
   s.channels = input.size(1);
   s.height = input.size(2);
   s.width = input.size(3);
@@ -68,8 +75,8 @@ DeformConvShape check_deform_conv2d_args(const at::Tensor& input, const at::Tens
   TORCH_CHECK(s.out_h >= 1 && s.out_w >= 1, "dmf::deform_conv2d: input ", input.sizes(),
               " is smaller than the dilated kernel ", weight.sizes(), " with padding ", padding,
               " and dilation ", dilation);
-  TORCH_CHECK(offset.size(0) == s.batch && offset.size(1) == s.offset_channels() &&
-                  offset.size(2) == s.out_h && offset.size(3) == s.out_w,
+  TORCH_CHECK(offset.size(1) == s.offset_channels() && offset.size(2) == s.out_h &&
+                  offset.size(3) == s.out_w,
               "dmf::deform_conv2d: offset must have shape [N, 2*offset_groups*kh*kw, out_h, out_w] = [",
               s.batch, ", ", s.offset_channels(), ", ", s.out_h, ", ", s.out_w, "], got ",
               offset.sizes());

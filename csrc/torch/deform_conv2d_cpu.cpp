@@ -83,8 +83,20 @@ void run_chunk(const Plan& plan, Buffers& buffers, const at::Tensor& images,
   const int64_t taps = s.taps();
   const int64_t ones[2] = {1, 1}, zeros[2] = {0, 0};
 
-  transpose_in_parallel(images.const_data_ptr<scalar_t>() + batch_begin * s.channels * pixels,
-                        buffers.images.mutable_data_ptr<scalar_t>(), count, s.channels, pixels);
+  {  // the chunk's samples' images, channels-last (an image serves every sample that reads it)
+    const scalar_t* source = images.const_data_ptr<scalar_t>();
+    scalar_t* target = buffers.images.mutable_data_ptr<scalar_t>();
+    const int64_t image_size = s.channels * pixels;
+    const int64_t blocks = (s.channels + kTransposeRows - 1) / kTransposeRows;
+    const int64_t grain = std::max<int64_t>(1, (int64_t(32) << 10) / (kTransposeRows * pixels));
+    at::parallel_for(0, count * blocks, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t sample = item / blocks, block = item % blocks;
+        transpose_matrices(source + image_of(s, batch_begin + sample) * image_size,
+                           target + sample * image_size, s.channels, pixels, block, block + 1);
+      }
+    });
+  }
   const scalar_t* image_data = buffers.images.const_data_ptr<scalar_t>();
   const scalar_t* offset_data =
       offsets.const_data_ptr<scalar_t>() + batch_begin * s.offset_channels() * positions;
