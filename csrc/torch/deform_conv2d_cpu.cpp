@@ -46,13 +46,19 @@ int64_t column_buffer_bytes() {
 // oneDNN's GEMM (and PyTorch's choice of it) wants about this many samples per call.
 constexpr int64_t kMinChunkSamples = 16;
 
-template <typename scalar_t>
-void transpose_in_parallel(const scalar_t* source, scalar_t* target, int64_t matrices,
-                           int64_t rows, int64_t cols) {
-  const int64_t items = matrices * ((rows + kTransposeRows - 1) / kTransposeRows);
+// Transposes `matrices` row-major [rows, cols] matrices to [cols, rows] in parallel: matrix m
+// is read from source_of(m) and written to target + m * rows * cols.
+template <typename scalar_t, typename SourceOf>
+void transpose_in_parallel(SourceOf source_of, scalar_t* target, int64_t matrices, int64_t rows,
+                           int64_t cols) {
+  const int64_t blocks = (rows + kTransposeRows - 1) / kTransposeRows;
   const int64_t grain = std::max<int64_t>(1, (int64_t(32) << 10) / (kTransposeRows * cols));
-  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    transpose_matrices(source, target, rows, cols, begin, end);
+  at::parallel_for(0, matrices * blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t matrix = item / blocks, block = item % blocks;
+      transpose_matrices<scalar_t>(source_of(matrix), target + matrix * rows * cols, rows, cols,
+                                   block, block + 1);
+    }
   });
 }
 
@@ -83,20 +89,13 @@ void run_chunk(const Plan& plan, Buffers& buffers, const at::Tensor& images,
   const int64_t taps = s.taps();
   const int64_t ones[2] = {1, 1}, zeros[2] = {0, 0};
 
-  {  // the chunk's samples' images, channels-last (an image serves every sample that reads it)
-    const scalar_t* source = images.const_data_ptr<scalar_t>();
-    scalar_t* target = buffers.images.mutable_data_ptr<scalar_t>();
-    const int64_t image_size = s.channels * pixels;
-    const int64_t blocks = (s.channels + kTransposeRows - 1) / kTransposeRows;
-    const int64_t grain = std::max<int64_t>(1, (int64_t(32) << 10) / (kTransposeRows * pixels));
-    at::parallel_for(0, count * blocks, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t sample = item / blocks, block = item % blocks;
-        transpose_matrices(source + image_of(s, batch_begin + sample) * image_size,
-                           target + sample * image_size, s.channels, pixels, block, block + 1);
-      }
-    });
-  }
+  // the chunk's samples' images, channels-last (one image may serve several samples)
+  const scalar_t* input_data = images.const_data_ptr<scalar_t>();
+  transpose_in_parallel(
+      [&](int64_t sample) {
+        return input_data + image_of(s, batch_begin + sample) * s.channels * pixels;
+      },
+      buffers.images.mutable_data_ptr<scalar_t>(), count, s.channels, pixels);
   const scalar_t* image_data = buffers.images.const_data_ptr<scalar_t>();
   const scalar_t* offset_data =
       offsets.const_data_ptr<scalar_t>() + batch_begin * s.offset_channels() * positions;
@@ -122,8 +121,10 @@ void run_chunk(const Plan& plan, Buffers& buffers, const at::Tensor& images,
   }
   at::Tensor target = output.narrow(0, batch_begin, count);
   if (sums.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    transpose_in_parallel(sums.const_data_ptr<scalar_t>(), target.mutable_data_ptr<scalar_t>(),
-                          count, positions, s.out_channels);
+    const scalar_t* sums_data = sums.const_data_ptr<scalar_t>();
+    transpose_in_parallel(
+        [&](int64_t sample) { return sums_data + sample * positions * s.out_channels; },
+        target.mutable_data_ptr<scalar_t>(), count, positions, s.out_channels);
   } else {
     target.copy_(sums);
   }
