@@ -14,6 +14,7 @@ if not (_here / "models").is_dir() and (_here.parent / "models" / "__init__.py")
 from dmf_export.errors import DMFExportError  # noqa: E402
 from dmf_export import ops  # noqa: E402,F401  (registers dmf::deform_conv2d)
 from dmf_export.checkpoint import load_checkpoint  # noqa: E402
+from dmf_export.formats import open_artifact, read_info  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["DMFExportError", "load_checkpoint", "ops", "__version__"]
+__all__ = ["DMFExportError", "load_checkpoint", "open_artifact", "read_info", "ops", "__version__"]

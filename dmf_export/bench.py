@@ -68,10 +68,7 @@ class _Candidate:
     checkpoint: str
     path: str | None = None
     family: tuple = ()  # (format, precision): whose encoder-only row is this one's floor
-
-    @property
-    def torchscript(self) -> bool:
-        return self.family[:1] == ("torchscript",)
+    run_flags: tuple = ()  # the RunOptions switches its format accepts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +88,7 @@ def _measure(candidate: _Candidate, size: EpisodeSize, image_size: int,
     On a GPU every candidate gets cuDNN's autotuner and the same TF32 setting."""
     import dmf_export  # noqa: F401  (registers the op in this process)
     from dmf_export.checkpoint import load_checkpoint
-    from dmf_export.runtime import open_artifact
+    from dmf_export.formats import open_artifact
 
     device, threads = settings.device, settings.threads
     if threads:
@@ -106,8 +103,10 @@ def _measure(candidate: _Candidate, size: EpisodeSize, image_size: int,
         model = load_checkpoint(candidate.checkpoint).to(device)
         fn = (lambda: model(support, labels, query)) if candidate.kind == "eager" else (lambda: model.base(images))
     else:
+        flags = candidate.run_flags
         runner = open_artifact(candidate.path, provider=settings.provider, device=device, threads=threads,
-                               cuda_graph=settings.cuda_graph and candidate.torchscript, tf32=settings.tf32)
+                               cuda_graph=settings.cuda_graph and "cuda_graph" in flags,
+                               tf32=settings.tf32 and "tf32" in flags)
         fn = (lambda: runner.encode(images)) if candidate.kind == "encoder" else (lambda: runner(support, labels, query))
     loaded = _status_mb("VmRSS")
     if device.startswith("cuda"):
@@ -133,9 +132,10 @@ def bench(checkpoint: str, artifacts: Sequence[str], sizes: Sequence[EpisodeSize
     and the artifacts alike (off: IEEE fp32 everywhere, as the 1e-4 parity assumes)."""
     import multiprocessing
 
-    from dmf_export.runtime import check_device, read_info
+    from dmf_export import formats
+    from dmf_export.formats._torch import check_device
 
-    infos = {str(a): read_info(a) for a in artifacts}
+    infos = {str(a): formats.read_info(a) for a in artifacts}
     if image_size is None:
         image_size = next(iter(infos.values())).image_size if infos else 84
     candidates = []
@@ -145,13 +145,15 @@ def bench(checkpoint: str, artifacts: Sequence[str], sizes: Sequence[EpisodeSize
         candidates.append(_Candidate("backbone", "eager backbone", checkpoint))
     check_device(device, cuda_graph)  # refuse before minutes of timing, not after
     for path, info in infos.items():
-        check_device(device, path=path, info=info)
-    for path, info in infos.items():
+        fmt = formats.get(info.format)
+        if "cuda_graph" in fmt.run_flags:  # torch-based: the device must run it
+            check_device(device, path=path, info=info)
         family = (info.format, info.precision)
-        tag = " (CUDA graph)" if cuda_graph and info.format == "torchscript" else ""
+        tag = " (CUDA graph)" if cuda_graph and "cuda_graph" in fmt.run_flags else ""
         if info.graph == "encoder":
-            candidates.append(_Candidate("encoder", f"{path} (encoder only){tag}", checkpoint, path, family))
-        candidates.append(_Candidate("artifact", f"{path}{tag}", checkpoint, path, family))
+            candidates.append(_Candidate("encoder", f"{path} (encoder only){tag}", checkpoint, path, family,
+                                         fmt.run_flags))
+        candidates.append(_Candidate("artifact", f"{path}{tag}", checkpoint, path, family, fmt.run_flags))
     settings = _Settings(repeats, provider, device, threads, cuda_graph, tf32)
     context = multiprocessing.get_context("spawn")
     rows: list[Timing] = []

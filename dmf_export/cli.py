@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from dmf_export import formats
 from dmf_export.errors import DMFExportError
 
 
@@ -29,7 +30,7 @@ class _Group(click.Group):
 @click.version_option(package_name="dmf-export")
 @click.pass_context
 def main(ctx, debug):
-    """Deploy DMF few-shot checkpoints (CVPR 2021) as TorchScript, ONNX and TensorRT.
+    """Deploy DMF few-shot checkpoints (CVPR 2021) as TorchScript, ONNX, AOTInductor and TensorRT.
 
     \b
     Typical use:
@@ -76,7 +77,7 @@ def _episode_options(way=5, shot=1, queries=75):
 @main.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--format", "-f", "fmt", required=True,
-              type=click.Choice(["torchscript", "onnx", "tensorrt"]), help="Artifact to write.")
+              type=click.Choice(formats.names()), help="Artifact to write.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Output path (default: beside the checkpoint, named after it).")
 @click.option("--solver", default="rk4", show_default=True,
@@ -95,6 +96,8 @@ def _episode_options(way=5, shot=1, queries=75):
 @click.option("--image-size", default=84, show_default=True, type=click.IntRange(min=8),
               help="Input height and width.")
 @click.option("--opset", default=19, show_default=True, type=click.IntRange(min=19), help="ONNX opset.")
+@click.option("--device", default="cpu", show_default=True,
+              help="aoti: the device the package is compiled for and runs on (cpu, cuda).")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--verify/--no-verify", "run_verify", default=True, show_default=True,
               help="Check the artifact against the eager model after writing it.")
@@ -113,15 +116,18 @@ def _episode_options(way=5, shot=1, queries=75):
 @click.option("--timing-cache", type=click.Path(dir_okay=False),
               help="TensorRT: timing cache file, read and updated (default: one in ~/.cache/dmf_export).")
 def export(checkpoint, fmt, output, solver, steps, precision, graph, onnx_flavor, groups, kernel,
-           way, shot, queries, image_size, opset, force, run_verify, max_way, max_shot, max_queries,
+           way, shot, queries, image_size, opset, device, force, run_verify, max_way, max_shot, max_queries,
            plugin, tensorrt_root, workspace, timing_cache):
-    """Export CHECKPOINT as a TorchScript, ONNX or TensorRT artifact.
+    """Export CHECKPOINT as a TorchScript, ONNX, AOTInductor or TensorRT artifact.
+
+    Every file of one export lands, or none does; existing files are kept unless --force.
 
     \b
     Examples:
       dmf-export export model.pth.tar -f onnx
       dmf-export export model.pth.tar -f torchscript -o dmf.ts
       dmf-export export model.pth.tar -f onnx --graph split --precision fp16
+      dmf-export export model.pth.tar -f aoti            # → model.pt2 (torch.export + AOTInductor)
       dmf-export export model.pth.tar -f tensorrt --precision fp16 --max-queries 100
     """
     from dmf_export.export import ExportOptions, export_checkpoint
@@ -129,7 +135,7 @@ def export(checkpoint, fmt, output, solver, steps, precision, graph, onnx_flavor
     opts = ExportOptions(format=fmt, output=output, solver=solver, steps=steps, precision=precision,
                          graph=graph, onnx_flavor=onnx_flavor, groups=groups,
                          kernel=int(kernel) if kernel else None, way=way, shot=shot, queries=queries,
-                         image_size=image_size, opset=opset, force=force, max_way=max_way,
+                         image_size=image_size, opset=opset, device=device, force=force, max_way=max_way,
                          max_shot=max_shot, max_queries=max_queries, plugin=plugin,
                          tensorrt_root=tensorrt_root, workspace=workspace, timing_cache=timing_cache)
     written = export_checkpoint(checkpoint, opts, log=_log)
@@ -149,7 +155,7 @@ def export(checkpoint, fmt, output, solver, steps, precision, graph, onnx_flavor
         return
     target = written[0].path
     ok = _run_verify(str(target), checkpoint, provider="cuda" if precision == "fp16" and fmt == "onnx" else "cpu",
-                     device="cuda" if precision == "fp16" else "cpu")
+                     device="cuda" if precision == "fp16" else device)
     if not ok:
         sys.exit(1)
 
@@ -298,6 +304,27 @@ def demo(out_dir, groups, kernel, seed, queries):
     if not run_demo(Path(out_dir), groups=groups, kernel=int(kernel), seed=seed, queries=queries,
                     log=_log, echo=click.echo):
         sys.exit(1)
+
+
+@main.command("op-library")
+def op_library():
+    """Build dmf::deform_conv2d if needed and print its library's path (last line).
+
+    \b
+    A C++ program loads it (dlopen) before torch::jit::load of a TorchScript artifact or
+    torch::inductor::AOTIModelPackageLoader of an AOTInductor package: examples/cpp/.
+    """
+    from dmf_export.ops import build_info
+
+    _log(f"dmf::deform_conv2d for torch {_torch_version()}"
+         f"{' with CUDA' if build_info.with_cuda else ' (CPU only: ' + str(build_info.without_cuda_reason) + ')'}")
+    click.echo(str(build_info.library))
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 @main.command("build-plugin")

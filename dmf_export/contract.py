@@ -95,6 +95,8 @@ class ArtifactInfo:
     example: dict | None = None    # the export-time episode size
     checkpoint: str | None = None
     dmf_export_version: str | None = None
+    device: str | None = None      # what a compiled package runs on (AOTInductor: cpu, cuda)
+    cpu_isa: str | None = None     # the vector instructions a CPU package was compiled for
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -123,3 +125,16 @@ def unique(sizes: Iterable[EpisodeSize]) -> list[EpisodeSize]:
             seen.add(s)
             out.append(s)
     return out
+
+
+def check_episode(support, support_labels, query, *, image_size: int, precision: str = "fp32") -> None:
+    """Refuse, in one line naming the input, an episode the graph cannot score."""
+    from dmf_export.errors import DMFExportError
+
+    for name, images in (("support", support), ("query", query)):
+        shape = tuple(images.shape)
+        if len(shape) != 4 or shape[1] != 3 or shape[2:] != (image_size, image_size):
+            raise DMFExportError(f"{name} has shape {list(shape)}; expected [N, 3, {image_size}, {image_size}]")
+    if tuple(support_labels.shape[:1]) != tuple(support.shape[:1]) or len(support_labels.shape) != 2:
+        raise DMFExportError(f"support_labels has shape {list(support_labels.shape)}; expected "
+                             f"[{support.shape[0]}, way] (one row per support image)")

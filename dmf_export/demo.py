@@ -1,20 +1,25 @@
 """``dmf-export demo``: the whole job on a seeded checkpoint with random weights."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from dmf_export import formats
 from dmf_export.contract import EpisodeSize
 
 
-def supported_formats() -> list[str]:
-    formats = ["torchscript", "onnx"]
-    if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
-        formats.append("tensorrt")
-    return formats
+def supported_formats() -> tuple[list[str], dict[str, str]]:
+    """(formats this machine writes and runs, {format: why not} for the others)."""
+    usable, skipped = [], {}
+    for fmt in formats.all_formats():
+        reason = fmt.unavailable()
+        if reason:
+            skipped[fmt.name] = reason
+        else:
+            usable.append(fmt.name)
+    return usable, skipped
 
 
 def run_demo(out_dir: Path, *, groups: int = 64, kernel: int = 1, seed: int = 0, queries: int = 15,
@@ -32,9 +37,11 @@ def run_demo(out_dir: Path, *, groups: int = 64, kernel: int = 1, seed: int = 0,
 
     rows = []
     size = EpisodeSize(5, 1, queries)
-    for fmt in supported_formats():
-        opts = ExportOptions(format=fmt, output=str(out_dir / f"dmf{'.fp32' if fmt != 'tensorrt' else ''}"),
-                             force=True, queries=queries)
+    usable, skipped = supported_formats()
+    for fmt, reason in skipped.items():
+        log(f"skipping {fmt}: {reason}")
+    for fmt in usable:
+        opts = ExportOptions(format=fmt, output=str(out_dir / "dmf.fp32"), force=True, queries=queries)
         written = export_checkpoint(str(checkpoint), opts, log=log)[0]
         log(f"verifying {written.path.name}")
         report = verify_artifact(str(written.path), str(checkpoint), log=log)
@@ -58,5 +65,7 @@ def run_demo(out_dir: Path, *, groups: int = 64, kernel: int = 1, seed: int = 0,
         echo(f"{fmt:<12} {written.path.name:<28} {written.size_mb:>6.1f} {written.seconds:>9.1f} "
              f"{'PASS' if report.passed else 'FAIL':>7} {max(r.max_abs for r in report.results):>10.1e} "
              f"{t.median_s * 1e3:>11.1f} {t.speedup:>8.2f}×")
+    for fmt, reason in skipped.items():
+        echo(f"{fmt:<12} skipped: {reason}")
     echo(f"\nartifacts in {out_dir}/ (episode: {size}, image 84×84, scores [Q, way])")
     return ok

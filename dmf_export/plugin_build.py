@@ -318,4 +318,47 @@ def build_plugin(tensorrt_root: str | os.PathLike | None = None, out_dir: str | 
                 log(f"  {line}")
             raise DMFExportError(f"building the TensorRT plugin failed (compiler output in {build_dir / 'build.log'})")
         stamp.write_text(key + "\n")
+        runtime_version_file(library).write_text(cuda.version + "\n")
+    check_driver(cuda.version, f"the plugin built in {build_dir}", log=log)
     return library
+
+
+def runtime_version_file(library: Path) -> Path:
+    """Beside the library: the CUDA runtime version it links statically (the driver must support it)."""
+    return Path(f"{library}.cuda")
+
+
+def driver_cuda_version() -> str | None:
+    """The newest CUDA version this machine's driver supports ("13.0"), or None without a driver."""
+    import ctypes
+
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int(0)
+    if driver.cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value <= 0:
+        return None
+    return f"{version.value // 1000}.{version.value % 1000 // 10}"
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+
+def check_driver(runtime_version: str, what: str, *, strict: bool = False,
+                 log: Callable[[str], None] = lambda _: None) -> None:
+    """Say in one line when the driver here is older than the CUDA runtime ``what`` links
+    statically (its kernels would fail to launch): an error when ``strict`` (loading it to
+    run), a warning otherwise (building for another machine is fine). No driver: nothing
+    to check."""
+    driver = driver_cuda_version()
+    if driver is None or runtime_version == "unknown" or \
+            _version_tuple(driver) >= _version_tuple(runtime_version):
+        return
+    message = (f"{what} links the CUDA {runtime_version} runtime, but this machine's driver supports CUDA "
+               f"{driver} at most: update the driver, or rebuild the plugin with an older CUDA toolkit "
+               "(CUDA_HOME)")
+    if strict:
+        raise DMFExportError(message)
+    log(f"warning: {message}")

@@ -69,11 +69,13 @@ def verify_artifact(artifact: str, checkpoint: str, *, provider: str = "cpu", de
                     sizes: Sequence[EpisodeSize] | None = None, seed: int = 0,
                     rtol: float | None = None, atol: float | None = None,
                     min_agreement: float | None = None, cuda_graph: bool = False, tf32: bool = False,
+                    plugin: str | None = None,
                     log: Callable[[str], None] = lambda _: None) -> Report:
     from dmf_export.checkpoint import load_checkpoint
-    from dmf_export.runtime import open_artifact
+    from dmf_export.formats import open_artifact
 
-    runner = open_artifact(artifact, provider=provider, device=device, cuda_graph=cuda_graph, tf32=tf32)
+    runner = open_artifact(artifact, provider=provider, device=device, cuda_graph=cuda_graph, tf32=tf32,
+                           plugin=plugin)
     info = runner.info
     model = load_checkpoint(checkpoint, groups=info.groups, kernel=info.kernel)
     default = TOLERANCES[info.precision]
@@ -97,7 +99,7 @@ def verify_artifact(artifact: str, checkpoint: str, *, provider: str = "cpu", de
             f"agreement {result.agreement:.0%}{describe_ties(result.near_ties)} "
             f"{'ok' if result.passed else 'FAIL'}")
         results.append(result)
-    return Report(str(artifact), getattr(runner, "backend", info.format), info.precision, tol, results)
+    return Report(str(artifact), runner.backend, info.precision, tol, results)
 
 
 def describe_ties(count: int) -> str:

@@ -91,14 +91,13 @@ def test_unwritable_folder_is_refused(checkpoint, tmp_path):
 
 
 def test_a_failed_export_leaves_nothing_behind(checkpoint, tmp_path, monkeypatch):
-    import dmf_export.export as export_module
+    from dmf_export.formats.torchscript import TorchScript
 
-    def broken(module, path, info, *args):
-        with export_module.atomic_path(path) as tmp:
-            tmp.write_bytes(b"half")
-            raise RuntimeError("disk full")
+    def broken(self, job, graph, path, log):
+        path.write_bytes(b"half")
+        raise RuntimeError("disk full")
 
-    monkeypatch.setattr(export_module, "save_torchscript", broken)
+    monkeypatch.setattr(TorchScript, "write_graph", broken)
     code, out = run("export", checkpoint, "-f", "torchscript", "-o", tmp_path / "x.ts", "--no-verify")
     assert code != 0 and "disk full" in one_error_line(out)
     assert list(tmp_path.iterdir()) == []

@@ -1,9 +1,10 @@
-"""Exported artifacts compute what the eager original computes.
+"""Exported artifacts compute what the eager original computes, in every format.
 
-Every format and flavour that runs on this machine is exported once per configuration
-(session fixtures) and run at episode sizes other than the export-time one. The eager
-model is the reference here; it is itself checked against an independent rendering of
-the original in test_model.py.
+Every registered format (``dmf_export.formats``) that runs on this machine is exported
+once per configuration (session fixtures) and run at episode sizes other than the
+export-time one, one-way episodes included; a format added to the registry is tested
+here with no new test. The eager model is the reference here; it is itself checked
+against an independent rendering of the original in test_model.py.
 """
 from __future__ import annotations
 
@@ -16,14 +17,25 @@ import onnx
 import pytest
 import torch
 
+from dmf_export import formats
 from dmf_export.contract import EpisodeSize, make_episode
 from dmf_export.export import ExportOptions, export_checkpoint
-from dmf_export.runtime import open_artifact
+from dmf_export.formats import open_artifact
 
 IMAGE = 32  # 32 → 4×4 features: the whole graph, cheaply
 CONFIGS = [(64, 1), (640, 1), (64, 3)]
 SIZES = [EpisodeSize(5, 1, 4), EpisodeSize(5, 5, 3), EpisodeSize(3, 1, 2),
-         EpisodeSize(10, 1, 2), EpisodeSize(4, 2, 1)]
+         EpisodeSize(10, 1, 2), EpisodeSize(4, 2, 1), EpisodeSize(1, 2, 2), EpisodeSize(1, 1, 1)]
+
+
+def _format_param(fmt, graph="episode"):
+    reason = fmt.unavailable()
+    marks = [pytest.mark.skip(reason=f"{fmt.name}: {reason}")] if reason else []
+    return pytest.param(fmt.name, marks=marks, id=fmt.name)
+
+
+EPISODE_FORMATS = [_format_param(f) for f in formats.all_formats()]
+SPLIT_FORMATS = [_format_param(f) for f in formats.all_formats() if "split" in f.graphs]
 
 
 @pytest.fixture(scope="session")
@@ -68,24 +80,26 @@ def assert_matches_eager(runner, model, sizes=SIZES, tol=1e-4, dtype=torch.float
         support, labels, query = make_episode(size, IMAGE, seed=100 + i)
         with torch.inference_mode():
             expected = model(support, labels, query)
-        scores = runner(support.to(dtype), labels.to(dtype), query.to(dtype)).float()
+        scores = runner(support.to(dtype), labels.to(dtype), query.to(dtype)).float().cpu()
         assert scores.shape == (size.queries, size.way), size
         torch.testing.assert_close(scores, expected, rtol=tol, atol=tol, msg=lambda m: f"{size}: {m}")
         assert torch.equal(scores.argmax(1), expected.argmax(1)), size
 
 
 @pytest.mark.parametrize("groups,kernel", CONFIGS)
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.parametrize("fmt", EPISODE_FORMATS)
 def test_episode_artifact_matches_eager_at_sizes_other_than_the_export_size(exported, eager, fmt, groups, kernel):
     checkpoint, (path,) = exported(groups, kernel, fmt)
-    assert_matches_eager(open_artifact(path), eager(checkpoint))
+    runner = open_artifact(path)
+    assert runner.info.format == fmt and runner.info.graph == "episode"
+    assert_matches_eager(runner, eager(checkpoint))
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.parametrize("fmt", SPLIT_FORMATS)
 def test_split_encoder_and_head_match_eager(exported, eager, fmt):
     checkpoint, paths = exported(64, 3, fmt, graph="split")
     assert [p.name.split(".")[-2] for p in paths] == ["encoder", "head"]
-    assert_matches_eager(open_artifact(paths[0]), eager(checkpoint), SIZES[:3])
+    assert_matches_eager(open_artifact(paths[0]), eager(checkpoint), SIZES[:3] + SIZES[-1:])
 
 
 def test_split_encoder_gives_backbone_features(exported, eager):
@@ -276,7 +290,7 @@ def test_cuda_graphs_and_fp16_torchscript_refuse_a_cpu_device(exported):
     with pytest.raises(DMFExportError, match="CUDA graphs need a GPU"):
         open_artifact(path, cuda_graph=True)
     _, (onnx_path,) = exported(64, 1, "onnx")
-    with pytest.raises(DMFExportError, match="applies to TorchScript"):
+    with pytest.raises(DMFExportError, match="applies to torchscript and aoti artifacts, not onnx"):
         open_artifact(onnx_path, cuda_graph=True)
 
 

@@ -246,10 +246,10 @@ def test_verify_of_an_engine_without_tensorrt_is_one_clear_line(checkpoint, tmp_
 
 
 def test_engine_description_is_read_without_tensorrt(tmp_path):
-    from dmf_export.runtime import read_info
+    from dmf_export.formats import read_info
 
     engine = tmp_path / "m.engine"
-    engine.write_bytes(b"")
+    engine.write_bytes(b"not read")
     (tmp_path / "m.engine.json").write_text('{"artifact": {"format": "tensorrt", "precision": "fp16", '
                                             '"image_size": 32, "groups": 160, "kernel": 3}}')
     info = read_info(engine)
@@ -330,7 +330,7 @@ SIZES = [(5, 1, 4), (5, 5, 3), (3, 2, 2), (10, 1, 2), (1, 1, 1), (10, 5, 16)]
 @pytest.mark.parametrize("precision, tol", [("fp32", 1e-4), ("fp16", 1e-2)])
 def test_engine_matches_the_eager_model_inside_the_profile(engines, eager, precision, tol):
     from dmf_export.contract import EpisodeSize, make_episode
-    from dmf_export.tensorrt import EngineRunner
+    from dmf_export.formats.tensorrt import EngineRunner
 
     runner = EngineRunner(engines[precision])
     assert runner.backend == "tensorrt" and runner.info.format == "tensorrt" and runner.info.precision == precision
@@ -365,7 +365,7 @@ def test_engine_description_says_what_it_is(engines):
 
 def test_shape_outside_the_profile_names_the_axis_and_the_range(engines):
     from dmf_export.contract import EpisodeSize, make_episode
-    from dmf_export.tensorrt import EngineRunner
+    from dmf_export.formats.tensorrt import EngineRunner
 
     runner = EngineRunner(engines["fp32"])
     with pytest.raises(DMFExportError, match=r"query has 17 queries \(Q\) on axis 0; .*allows 1\.\.16"):
@@ -377,7 +377,7 @@ def test_shape_outside_the_profile_names_the_axis_and_the_range(engines):
 
 
 def test_verify_accepts_the_engine_through_open_artifact(engines, checkpoint):
-    from dmf_export.runtime import open_artifact
+    from dmf_export.formats import open_artifact
     from dmf_export.verify import verify_artifact
 
     assert type(open_artifact(engines["fp32"])).__name__ == "EngineRunner"
@@ -392,7 +392,7 @@ def test_plugin_fields_survive_engine_serialisation(gpu_plugin):
     import tensorrt as trt
 
     from dmf_export.ops import deform_conv2d
-    from dmf_export.tensorrt import load_plugin_library
+    from dmf_export.formats.tensorrt import load_plugin_library
     from reference_dcn import deform_conv2d_reference
 
     load_plugin_library(trt, gpu_plugin)

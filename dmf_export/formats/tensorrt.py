@@ -23,8 +23,11 @@ from typing import Callable
 
 from dmf_export.contract import EPISODE_INPUTS, EPISODE_OUTPUTS, ArtifactInfo, EpisodeSize
 from dmf_export.errors import DMFExportError
+from dmf_export.formats.base import Format, Runner, RunOptions, Written
+from dmf_export.formats.onnx import write_onnx
 
 INFO_SUFFIX = ".json"  # x.engine → x.engine.json
+ALIGNMENT = 256  # bytes: TensorRT requires every tensor address to be a multiple of it
 PLUGIN_ENV = "DMF_EXPORT_TRT_PLUGIN"
 PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE = "DMFDeformConv2d", "1", ""
 # Defaults for the profile's upper bounds: cover 5-way 1- and 5-shot 75-query episodes
@@ -91,23 +94,33 @@ _LOAD_LOCK = threading.Lock()
 
 def load_plugin_library(trt, library: str | os.PathLike, log: Callable[[str], None] = lambda _: None) -> None:
     """Put the plugin's creator into TensorRT's global plugin registry (once per process)."""
+    from dmf_export.plugin_build import check_driver, runtime_version_file
+
     library = str(Path(library).resolve())
     if not Path(library).is_file():
         raise DMFExportError(f"TensorRT plugin library {library} does not exist (build it with "
                              f"`dmf-export build-plugin`, or point {PLUGIN_ENV} at one)")
+    version_file = runtime_version_file(Path(library))
+    if version_file.is_file():
+        check_driver(version_file.read_text().strip(), f"the TensorRT plugin {library}", strict=True)
     registry = trt.get_plugin_registry()
     with _LOAD_LOCK:
         if library in _LOADED:
             return
-        if registry.get_creator(PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE) is not None:
-            # loadLibrary refuses a library whose plugins are registered already
-            log(f"plugin {PLUGIN_NAME} v{PLUGIN_VERSION} is already registered in this process; not loading {library}")
-            _LOADED[library] = None
-            return
+        # Load first and look the creator up after: asking the registry for a creator it
+        # does not hold makes TensorRT log an error that is not one.
         handle = registry.load_library(library)
-        if handle is None or registry.get_creator(PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE) is None:
+        if handle is None:
+            # loadLibrary refuses a library whose plugins another one registered already
+            if registry.get_creator(PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE) is not None:
+                log(f"plugin {PLUGIN_NAME} v{PLUGIN_VERSION} is already registered in this process; "
+                    f"not loading {library}")
+                _LOADED[library] = None
+                return
             raise DMFExportError(f"TensorRT could not load the plugin library {library} (built for another "
                                  "TensorRT or CUDA? rebuild it with `dmf-export build-plugin`)")
+        if registry.get_creator(PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE) is None:
+            raise DMFExportError(f"{library} loaded, but it registers no {PLUGIN_NAME} v{PLUGIN_VERSION} plugin")
         _LOADED[library] = handle
 
 
@@ -168,10 +181,12 @@ def _default_timing_cache(trt) -> Path:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    from dmf_export.export import atomic_path
-
-    with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(data)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def build_engine(onnx_path: Path, plugin_library: Path, profile_shapes: dict, *, strongly_typed: bool = True,
@@ -230,35 +245,26 @@ def build_engine(onnx_path: Path, plugin_library: Path, profile_shapes: dict, *,
     return bytes(serialized)
 
 
-def export_engine(checkpoint, opts, log):
-    """``dmf-export export --format tensorrt``: checkpoint → plugin ONNX → engine + JSON."""
+def write_engine(job, engine_path: Path, staging, log) -> Written:
+    """The plugin-flavour ONNX graph of ``job`` → an engine and its JSON, at their staging names."""
     from dmf_export import __version__
-    from dmf_export.export import Written, _check_writable, export_checkpoint, output_paths
-    from dmf_export.runtime import read_info
 
+    opts = job.opts
     trt = require_tensorrt()
-    _require_gpu("building a TensorRT engine")
-    if opts.graph != "episode":
-        raise DMFExportError("TensorRT engines are built for the episode graph: use --graph episode")
-    if not Path(checkpoint).is_file():
-        raise DMFExportError(f"cannot read {checkpoint}: no such file")
-    engine_path = output_paths(checkpoint, opts)["episode"]
-    _check_writable({"episode": engine_path}, opts.force)
     profile = engine_profile(opts)
     library = _plugin_library(opts, log).resolve()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dmf-trt-") as tmp:
-        onnx_opts = dataclasses.replace(opts, format="onnx", onnx_flavor="plugin", graph="episode",
-                                        output=str(Path(tmp) / "episode.onnx"), force=True)
-        (written,) = export_checkpoint(checkpoint, onnx_opts, log)
-        info = read_info(written.path)
+        onnx_path = Path(tmp) / "episode.onnx"
+        log(f"writing the plugin-flavour ONNX graph for TensorRT → {onnx_path}")
+        write_onnx(job, "episode", onnx_path, flavor="plugin", fmt="tensorrt")
         shapes = profile.shapes(opts.image_size)
         log(f"building a TensorRT {trt.__version__} {opts.precision} engine (profile {profile.min} … "
             f"{profile.opt} … {profile.max}); this takes a few minutes")
         timing_cache = Path(opts.timing_cache) if opts.timing_cache else _default_timing_cache(trt)
-        engine = build_engine(written.path, library, shapes, workspace_gib=opts.workspace,
+        engine = build_engine(onnx_path, library, shapes, workspace_gib=opts.workspace,
                               timing_cache=timing_cache, log=log)
-    info = dataclasses.replace(info, format="tensorrt", onnx_flavor=None, dmf_export_version=__version__)
+    info = job.info("tensorrt", "episode")
     meta = {
         "artifact": dataclasses.asdict(info),
         "tensorrt_version": trt.__version__,
@@ -270,9 +276,9 @@ def export_engine(checkpoint, opts, log):
         "plugin_library": str(library),
         "plugin": {"name": PLUGIN_NAME, "version": PLUGIN_VERSION, "namespace": PLUGIN_NAMESPACE},
     }
-    _write_atomically(engine_path, engine)
-    _write_atomically(info_path(engine_path), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
-    return [Written(engine_path, "episode", time.perf_counter() - start)]
+    staging.temp(engine_path).write_bytes(engine)
+    staging.temp(info_path(engine_path)).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return Written(engine_path, "episode", time.perf_counter() - start)
 
 
 # ------------------------------------------------------------------------- running
@@ -301,7 +307,7 @@ def read_engine_info(path: Path) -> ArtifactInfo:
     return info
 
 
-class EngineRunner:
+class EngineRunner(Runner):
     """Runs a dmf-export engine: ``runner(support, support_labels, query) -> scores``.
 
     Inputs are NumPy arrays or torch tensors (CPU ones are copied to the GPU); the
@@ -310,14 +316,11 @@ class EngineRunner:
     at a time per runner (it owns one execution context).
     """
 
-    backend = "tensorrt"
-
     def __init__(self, path, plugin: str | os.PathLike | None = None, device: int | None = None,
                  log: Callable[[str], None] = lambda _: None):
         path = Path(path)
         meta = read_engine_meta(path)
-        self.info = read_engine_info(path)
-        self.path = path
+        super().__init__(path, read_engine_info(path), "tensorrt", {"episode": self._execute})
         trt = require_tensorrt()
         torch = _require_gpu(f"running the TensorRT engine {path}")
         self.device = torch.device("cuda", torch.cuda.current_device() if device is None else device)
@@ -361,7 +364,7 @@ class EngineRunner:
                 raise DMFExportError(f"{name} has {size} {what} on axis {axis}; this engine's profile allows "
                                      f"{allowed}")
 
-    def __call__(self, support, support_labels, query):
+    def _execute(self, support, support_labels, query):
         import numpy as np
         import torch
 
@@ -374,7 +377,10 @@ class EngineRunner:
                 if not isinstance(tensor, torch.Tensor):
                     raise DMFExportError(f"{name} must be a NumPy array or a torch tensor, not {type(value).__name__}")
                 self._check_shape(name, tuple(tensor.shape))
-                inputs[name] = tensor.to(self.device, self._dtypes[name]).contiguous()
+                tensor = tensor.to(self.device, self._dtypes[name]).contiguous()
+                if tensor.data_ptr() % ALIGNMENT:  # a slice such as support[1:]: a fresh block is aligned
+                    tensor = tensor.clone()
+                inputs[name] = tensor
             if inputs["support"].shape[0] != inputs["support_labels"].shape[0]:
                 raise DMFExportError(f"support has {inputs['support'].shape[0]} images but support_labels has "
                                      f"{inputs['support_labels'].shape[0]} rows")
@@ -382,17 +388,22 @@ class EngineRunner:
                 if not self.context.set_input_shape(name, tuple(tensor.shape)):
                     raise DMFExportError(f"TensorRT refused the shape {list(tensor.shape)} for {name}: "
                                          f"{self._logger.last_error()}")
-                self.context.set_tensor_address(name, tensor.data_ptr())
+                self._set_address(name, tensor)
             out_name = EPISODE_OUTPUTS[0]
             shape = tuple(int(d) for d in self.context.get_tensor_shape(out_name))
             if any(d < 0 for d in shape):
                 raise DMFExportError(f"TensorRT could not infer the shape of {out_name}: {self._logger.last_error()}")
             scores = torch.empty(shape, dtype=self._dtypes[out_name], device=self.device)
-            self.context.set_tensor_address(out_name, scores.data_ptr())
+            self._set_address(out_name, scores)
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise DMFExportError(f"TensorRT failed to run {self.path.name}: {self._logger.last_error()}")
         self.stream.synchronize()  # the inputs made on this stream stay alive until here
         return scores
+
+    def _set_address(self, name, tensor) -> None:
+        if not self.context.set_tensor_address(name, tensor.data_ptr()):
+            raise DMFExportError(f"TensorRT refused the address of {name} ({tensor.data_ptr():#x}): "
+                                 f"{self._logger.last_error()}")
 
 
 def _torch_dtype(trt, torch, dtype):
@@ -400,3 +411,47 @@ def _torch_dtype(trt, torch, dtype):
     if dtype not in table:
         raise DMFExportError(f"unexpected engine tensor type {dtype}")
     return table[dtype]
+
+
+class TensorRT(Format):
+    name = "tensorrt"
+    title = "TensorRT"
+    suffix = ".engine"
+    read_suffixes = (".engine", ".plan")
+    graphs = ("episode",)
+    export_options = ("opset", "max_way", "max_shot", "max_queries", "plugin", "workspace", "timing_cache",
+                      "tensorrt_root")
+    run_flags = ("plugin",)
+
+    def unavailable(self, device: str = "cpu") -> str | None:
+        import importlib.util
+
+        import torch
+
+        if importlib.util.find_spec("tensorrt") is None:
+            return "TensorRT is not installed (the Python package 'tensorrt')"
+        if not torch.cuda.is_available():
+            return "TensorRT needs a CUDA GPU, and torch sees none here"
+        return None
+
+    def check_options(self, opts) -> None:
+        super().check_options(opts)
+        engine_profile(opts)  # the profile's bounds, before minutes of work
+
+    def staged(self, outputs: dict[str, Path]) -> list[Path]:
+        """An engine and its JSON land together or not at all."""
+        return [outputs["episode"], info_path(outputs["episode"])]
+
+    def write(self, job, outputs, staging, log):
+        require_tensorrt()
+        _require_gpu("building a TensorRT engine")
+        return [write_engine(job, outputs["episode"], staging, log)]
+
+    def read_info(self, path: Path) -> ArtifactInfo:
+        return read_engine_info(path)
+
+    def open(self, path: Path, info: ArtifactInfo, run: RunOptions) -> Runner:
+        return EngineRunner(path, plugin=run.plugin)
+
+
+FORMAT = TensorRT()

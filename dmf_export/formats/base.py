@@ -1,0 +1,327 @@
+"""What every artifact format shares: the surface a format module fills in, the runner
+every format returns, the one metadata schema, output naming and all-or-nothing writes.
+
+A format is one module in ``dmf_export/formats/`` with one ``Format`` subclass; the
+registry (``dmf_export.formats``) lists it once, and ``export``, ``verify``, ``bench`` and
+``demo`` read only the registry.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, ClassVar, Iterable
+
+import torch
+
+from dmf_export.contract import ArtifactInfo, EpisodeSize, check_episode
+from dmf_export.errors import DMFExportError, summarize
+
+Log = Callable[[str], None]
+GRAPHS = {"episode": ("episode",), "split": ("encoder", "head")}
+
+
+def _quiet_log(_: str) -> None:
+    pass
+
+
+# ------------------------------------------------------------------------- writing
+
+@dataclasses.dataclass
+class Written:
+    """One file (or folder) an export wrote."""
+
+    path: Path
+    graph: str
+    seconds: float
+
+    @property
+    def size_mb(self) -> float:
+        if self.path.is_dir():
+            return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file()) / 1e6
+        return self.path.stat().st_size / 1e6
+
+
+class Staging:
+    """All-or-nothing writes: every output is first written under a temporary name beside
+    its final one; ``commit`` renames them all into place, or none lands.
+
+    An existing output is refused unless ``force``; with ``force`` it is moved aside
+    first and restored if any rename fails, so a failed export never leaves a mix of old
+    and new files. Outputs may be files or folders (a Triton model repository).
+    """
+
+    def __init__(self, finals: Iterable[Path], force: bool = False):
+        self.finals = [Path(p) for p in finals]
+        self.force = force
+        self._token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._temps: dict[Path, Path] = {}
+        for path in self.finals:
+            self._check_writable(path)
+
+    def _check_writable(self, path: Path) -> None:
+        if path.exists() and not self.force:
+            raise DMFExportError(f"{path} exists; pass --force to overwrite it")
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            raise DMFExportError(f"cannot write {path}: folder {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise DMFExportError(f"cannot write {path}: folder {parent} is not writable")
+
+    def temp(self, final: Path) -> Path:
+        """The temporary name ``final``'s contents are written to (it does not exist yet)."""
+        final = Path(final)
+        if final not in self.finals:
+            raise ValueError(f"{final} is not one of this export's outputs")
+        # the final name last: some writers insist on a suffix (AOTInductor's .pt2)
+        return self._temps.setdefault(final, final.with_name(f".tmp-{self._token}.{final.name}"))
+
+    def commit(self) -> None:
+        missing = [f for f in self.finals if f not in self._temps or not self._temps[f].exists()]
+        if missing:
+            raise DMFExportError(f"internal error: {missing[0]} was not written")
+        moved: list[tuple[Path, Path]] = []   # (final, its old contents moved aside)
+        placed: list[Path] = []
+        try:
+            for final in self.finals:
+                if final.exists() or final.is_symlink():
+                    aside = final.with_name(f".{final.name}.old-{self._token}")
+                    os.replace(final, aside)
+                    moved.append((final, aside))
+            for final in self.finals:
+                os.replace(self._temps[final], final)
+                placed.append(final)
+        except OSError as err:
+            for final in placed:
+                _remove(final)
+            for final, aside in moved:
+                os.replace(aside, final)
+            raise DMFExportError(f"cannot write {final}: {err.strerror or err}") from err
+        for _, aside in moved:
+            _remove(aside)
+
+    def discard(self) -> None:
+        for temp in self._temps.values():
+            _remove(temp)
+
+    def __enter__(self) -> "Staging":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is None:
+            try:
+                self.commit()
+            finally:
+                self.discard()
+        else:
+            self.discard()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def strip_checkpoint_suffix(name: str) -> str:
+    for suffix in (".pth.tar", ".pth", ".pt", ".tar", ".ckpt"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def split_partner(path: Path, info: ArtifactInfo) -> Path:
+    """The head beside a split export's encoder (``x.encoder.S`` → ``x.head.S``)."""
+    if info.graph != "encoder":
+        raise DMFExportError(f"{path} is the head of a split export: pass the encoder's path")
+    partner = path.with_name(path.name.replace(".encoder.", ".head.", 1))
+    if partner == path or not partner.exists():
+        raise DMFExportError(f"{path} is a split encoder but its head {partner} is missing")
+    return partner
+
+
+# ------------------------------------------------------------------------- running
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How to run an artifact. Each format reads what applies to it (``Format.run_flags``
+    names the switches it accepts; one given to a format that has no use for it is an error)."""
+
+    provider: str = "cpu"           # onnxruntime execution provider
+    device: str = "cpu"             # torch device (TorchScript, AOTInductor)
+    threads: int | None = None      # CPU threads (onnxruntime; torch reads torch.set_num_threads)
+    cuda_graph: bool = False        # replay each episode size from a captured CUDA graph
+    tf32: bool = False              # let fp32 convolutions use TF32 on a GPU
+    plugin: str | None = None       # TensorRT plugin library
+
+
+GraphFn = Callable[..., torch.Tensor]
+
+
+class Runner:
+    """``runner(support, support_labels, query) -> scores [Q, way]`` for any format.
+
+    Torch tensors in (any device; the runner moves and casts them), a torch tensor out.
+    The episode is checked first (``contract.check_episode``), so a bad one is one clear
+    line whatever the backend. A split export runs its encoder on the support and the
+    query and its head on the features; ``encode(images)`` is the encoder alone.
+    """
+
+    def __init__(self, path: Path, info: ArtifactInfo, backend: str, graphs: dict[str, GraphFn],
+                 context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+        self.path, self.info, self.backend = Path(path), info, backend
+        self.graphs = graphs
+        self._context = context
+
+    @torch.inference_mode()
+    def __call__(self, support, support_labels, query) -> torch.Tensor:
+        check_episode(support, support_labels, query, image_size=self.info.image_size,
+                      precision=self.info.precision)
+        with self._context():
+            if "episode" in self.graphs:
+                return self.graphs["episode"](support, support_labels, query)
+            encode = self.graphs["encoder"]
+            return self.graphs["head"](encode(support), support_labels, encode(query))
+
+    @torch.inference_mode()
+    def encode(self, images) -> torch.Tensor:
+        """Backbone features ``[N, 640, h, w]`` (the encoder of a split export)."""
+        if "encoder" not in self.graphs:
+            raise DMFExportError(f"{self.path}: encode() needs the encoder of a split export")
+        with self._context():
+            return self.graphs["encoder"](images)
+
+
+# ------------------------------------------------------------------------- a format
+
+class Format:
+    """One artifact format. Subclasses set the class attributes and implement
+    ``write_graph`` (or ``write``), ``read_info`` and ``open``."""
+
+    name: ClassVar[str]                       # the CLI's --format value
+    title: ClassVar[str]                      # how summaries name it
+    suffix: ClassVar[str]                     # what export writes
+    read_suffixes: ClassVar[tuple[str, ...]] = ()  # also recognised when reading
+    graphs: ClassVar[tuple[str, ...]] = ("episode", "split")
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16")
+    # ExportOptions fields only this format reads: given to another format, they are an error
+    export_options: ClassVar[tuple[str, ...]] = ()
+    # RunOptions switches it accepts besides provider/device/threads
+    run_flags: ClassVar[tuple[str, ...]] = ()
+    # images the TorchScript encoder takes at a time on a CPU (deploy.Encoder); 0: all
+    cpu_batch: ClassVar[int] = 0
+
+    # -- what it needs
+    def unavailable(self, device: str = "cpu") -> str | None:
+        """Why this machine cannot write or run the format (one line), or None."""
+        return None
+
+    def check_options(self, opts) -> None:
+        """Refuse in one line what this format cannot do with ``opts`` (beyond ``unavailable``)."""
+        if opts.graph not in self.graphs:
+            raise DMFExportError(f"{self.title} artifacts are built for the "
+                                 f"{' or '.join(self.graphs)} graph: use --graph {self.graphs[0]}")
+        if opts.precision not in self.precisions:
+            raise DMFExportError(f"{self.title} artifacts come in {', '.join(self.precisions)}, "
+                                 f"not {opts.precision}")
+
+    # -- writing
+    def outputs(self, checkpoint: str, opts) -> dict[str, Path]:
+        """Where each graph goes: {'episode': p} or {'encoder': p1, 'head': p2}."""
+        if opts.output:
+            base = Path(opts.output)
+            if base.suffix == self.suffix:
+                base = base.with_suffix("")
+        else:
+            stem = strip_checkpoint_suffix(Path(checkpoint).name) + self.name_tags(opts)
+            base = Path(checkpoint).parent / stem
+        if opts.graph == "episode":
+            return {"episode": Path(f"{base}{self.suffix}")}
+        return {g: Path(f"{base}.{g}{self.suffix}") for g in GRAPHS["split"]}
+
+    def staged(self, outputs: dict[str, Path]) -> list[Path]:
+        """Every file (or folder) that lands with ``outputs`` (an engine's JSON, say)."""
+        return list(outputs.values())
+
+    def name_tags(self, opts) -> str:
+        """What a default output name says beyond the checkpoint's (``.fp16``, ``.plugin``)."""
+        return ".fp16" if opts.precision == "fp16" else ""
+
+    def write(self, job, outputs: dict[str, Path], staging: Staging, log: Log) -> list[Written]:
+        """Write every graph of ``job`` to its staging name (committed by the caller)."""
+        written = []
+        for graph, final in outputs.items():
+            log(f"writing {self.name} {graph} graph → {final}")
+            start = time.perf_counter()
+            try:
+                self.write_graph(job, graph, staging.temp(final), log)
+            except DMFExportError:
+                raise
+            except Exception as err:  # the exporters' own errors are long; keep the gist
+                raise DMFExportError(f"{self.name} export of the {graph} graph failed: "
+                                     f"{summarize(err)}") from err
+            written.append(Written(final, graph, time.perf_counter() - start))
+        return written
+
+    def write_graph(self, job, graph: str, path: Path, log: Log) -> None:
+        raise NotImplementedError
+
+    # -- reading and running
+    def read_info(self, path: Path) -> ArtifactInfo:
+        raise NotImplementedError
+
+    def open(self, path: Path, info: ArtifactInfo, run: RunOptions) -> Runner:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<format {self.name}>"
+
+
+# ------------------------------------------------------------------------- the export job
+
+@dataclasses.dataclass
+class Job:
+    """What a format writes from: the deployment graph(s) of one checkpoint, in the
+    export's precision, with the metadata every artifact carries."""
+
+    checkpoint: str
+    opts: object                       # dmf_export.export.ExportOptions
+    modules: dict[str, torch.nn.Module]
+    groups: int
+    kernel: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float16 if self.opts.precision == "fp16" else torch.float32
+
+    def info(self, fmt: str, graph: str, **extra) -> ArtifactInfo:
+        """The one metadata schema (``contract.ArtifactInfo``), as stored in every artifact."""
+        from dmf_export import __version__
+
+        opts = self.opts
+        return ArtifactInfo(
+            format=fmt, graph=graph, precision=opts.precision, image_size=opts.image_size,
+            groups=self.groups, kernel=self.kernel, solver=opts.solver, steps=opts.steps,
+            example=dataclasses.asdict(EpisodeSize(opts.way, opts.shot, opts.queries)),
+            checkpoint=Path(self.checkpoint).name, dmf_export_version=__version__, **extra)
+
+
+def prepare_job(checkpoint: str, opts, cpu_batch: int = 0, log: Log = _quiet_log) -> Job:
+    """Load ``checkpoint`` and build its deployment graph(s) for ``opts``."""
+    from dmf_export.checkpoint import load_checkpoint
+    from dmf_export.deploy import build_episode_graph
+
+    log(f"loading {checkpoint}")
+    model = load_checkpoint(checkpoint, groups=opts.groups, kernel=opts.kernel)
+    episode = build_episode_graph(model, solver=opts.solver, steps=opts.steps, cpu_batch=cpu_batch)
+    dtype = torch.float16 if opts.precision == "fp16" else torch.float32
+    episode = episode.to(dtype).eval()
+    modules = ({"episode": episode} if opts.graph == "episode"
+               else {"encoder": episode.encoder, "head": episode.head})
+    return Job(checkpoint, opts, modules, model.groups, model.kernel)

@@ -1,0 +1,107 @@
+"""ONNX (``.onnx``): the standard flavour runs in stock onnxruntime ≥ 1.25 (deformable conv
+as ONNX ``DeformConv``); the plugin flavour carries the TensorRT plugin's node instead."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dmf_export import __version__
+from dmf_export.contract import METADATA_KEY, ArtifactInfo
+from dmf_export.errors import DMFExportError
+from dmf_export.formats import _trace
+from dmf_export.formats.base import Format, Runner, RunOptions, split_partner
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def write_onnx(job, graph: str, path: Path, flavor: str, fmt: str = "onnx") -> None:
+    """The ``graph`` of ``job`` as ONNX at ``path``, checked by ``onnx.checker``."""
+    import onnx
+
+    from dmf_export.onnx_ops import translation_table
+
+    opts = job.opts
+    inputs, outputs = _trace.NAMES[graph]
+    example = _trace.example_inputs(graph, opts, job.dtype)
+    with _trace.quiet():
+        program = torch.onnx.export(
+            job.modules[graph], example, dynamo=True, opset_version=opts.opset,
+            input_names=list(inputs), output_names=list(outputs),
+            dynamic_shapes=_trace.dynamic_shapes(graph),
+            custom_translation_table=translation_table(flavor),
+            external_data=False, optimize=True, verbose=False,
+        )
+    info = job.info(fmt, graph, onnx_flavor=flavor)
+    program.model.metadata_props[METADATA_KEY] = info.to_json()
+    program.model.producer_name = "dmf-export"
+    program.model.producer_version = __version__
+    program.save(str(path), external_data=False)
+    onnx.checker.check_model(str(path))
+
+
+def _session_fn(session, names, np_dtype):
+    """Torch tensors (or arrays) in, a torch tensor out, through an onnxruntime session."""
+    def run(*args):
+        feeds = {name: (a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a))
+                 .astype(np_dtype, copy=False) for name, a in zip(names, args)}
+        return torch.from_numpy(session.run(None, feeds)[0])
+    return run
+
+
+class Onnx(Format):
+    name = "onnx"
+    title = "ONNX"
+    suffix = ".onnx"
+    export_options = ("onnx_flavor", "opset")
+    run_flags = ("tf32",)
+
+    def name_tags(self, opts) -> str:
+        return super().name_tags(opts) + (".plugin" if opts.onnx_flavor == "plugin" else "")
+
+    def write_graph(self, job, graph, path, log):
+        write_onnx(job, graph, path, job.opts.onnx_flavor)
+
+    def read_info(self, path: Path) -> ArtifactInfo:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        meta = {p.key: p.value for p in model.metadata_props}
+        if METADATA_KEY not in meta:
+            raise DMFExportError(f"{path}: not an ONNX file written by dmf-export (no metadata)")
+        return ArtifactInfo.from_json(meta[METADATA_KEY])
+
+    def open(self, path: Path, info: ArtifactInfo, run: RunOptions) -> Runner:
+        import onnxruntime as ort
+
+        if info.onnx_flavor == "plugin":
+            raise DMFExportError(f"{path} is a plugin-flavour ONNX graph (for TensorRT); "
+                                 "onnxruntime runs the standard flavour")
+        provider = PROVIDERS.get(run.provider)
+        if provider is None:
+            raise DMFExportError(f"unknown provider {run.provider!r}; choose from {', '.join(PROVIDERS)}")
+        if provider not in ort.get_available_providers():
+            raise DMFExportError(f"onnxruntime provider {run.provider!r} is not installed here "
+                                 "(pip install 'dmf-export[gpu]' for cuda/tensorrt)")
+        options = ort.SessionOptions()
+        if run.threads:
+            options.intra_op_num_threads = run.threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        np_dtype = np.float16 if info.precision == "fp16" else np.float32
+        files = {"episode": path} if info.graph == "episode" else {
+            "encoder": path, "head": split_partner(path, info)}
+        # onnxruntime's CUDA provider uses TF32 by default (~5e-3 from the original): fp32 means fp32
+        providers = [(provider, {"use_tf32": "1" if run.tf32 else "0"}) if run.provider == "cuda" else provider]
+        graphs = {}
+        for graph, file in files.items():
+            session = ort.InferenceSession(str(file), options, providers=providers)
+            graphs[graph] = _session_fn(session, _trace.NAMES[graph][0], np_dtype)
+        return Runner(path, info, "onnxruntime", graphs)
+
+
+FORMAT = Onnx()
