@@ -258,7 +258,7 @@ def test_engine_description_is_read_without_tensorrt(tmp_path):
 
 def test_an_engine_without_its_description_is_one_clear_line(tmp_path, checkpoint):
     engine = tmp_path / "m.engine"
-    engine.write_bytes(b"")
+    engine.write_bytes(b"an engine")
     code, output = run_cli("verify", engine, "--checkpoint", checkpoint)
     assert code != 0 and "m.engine.json" in one_error_line(output)
 
