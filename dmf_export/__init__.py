@@ -11,10 +11,10 @@ _here = _Path(__file__).resolve().parent
 if not (_here / "models").is_dir() and (_here.parent / "models" / "__init__.py").is_file():
     __path__.append(str(_here.parent))  # noqa: F821  (the package's own __path__)
 
+from dmf_export._version import __version__  # noqa: E402
 from dmf_export.errors import DMFExportError  # noqa: E402
 from dmf_export import ops  # noqa: E402,F401  (registers dmf::deform_conv2d)
 from dmf_export.checkpoint import load_checkpoint  # noqa: E402
 from dmf_export.formats import open_artifact, read_info  # noqa: E402
 
-__version__ = "0.1.0"
 __all__ = ["DMFExportError", "load_checkpoint", "open_artifact", "read_info", "ops", "__version__"]

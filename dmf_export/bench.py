@@ -86,7 +86,7 @@ def _measure(candidate: _Candidate, size: EpisodeSize, image_size: int,
     """Runs in a fresh process: load, make the seeded episode, then time it; peak memory
     is the process's high-water mark above what it held once loaded (Linux; else None).
     On a GPU every candidate gets cuDNN's autotuner and the same TF32 setting."""
-    import dmf_export  # noqa: F401  (registers the op in this process)
+    import dmf_export.ops  # noqa: F401  (registers the op in this process)
     from dmf_export.checkpoint import load_checkpoint
     from dmf_export.formats import open_artifact
 

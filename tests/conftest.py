@@ -17,6 +17,7 @@ if str(ROOT) not in sys.path:
 
 
 _STATE_DICTS: dict = {}
+EXPORT_IMAGE = 32  # 32 → 4×4 features: the whole graph, cheaply
 
 
 @pytest.fixture(scope="session")
@@ -69,3 +70,44 @@ def checkpoint_file(tmp_path):
         return write_random_checkpoint(tmp_path / name, **kwargs)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """exported(groups, kernel, format, **options) → (checkpoint, [paths]): a seeded
+    checkpoint exported at EXPORT_IMAGE × EXPORT_IMAGE, once per session (AOTInductor
+    compiles take a while, so every test file shares these)."""
+    from dmf_export.checkpoint import write_random_checkpoint
+    from dmf_export.export import ExportOptions, export_checkpoint
+
+    root = tmp_path_factory.mktemp("exports")
+    cache = {}
+
+    def get(groups, kernel, fmt, **options):
+        key = (groups, kernel, fmt, tuple(sorted(options.items())))
+        if key not in cache:
+            checkpoint = root / f"g{groups}k{kernel}.pth.tar"
+            if not checkpoint.exists():
+                write_random_checkpoint(checkpoint, groups=groups, kernel=kernel, seed=groups + kernel)
+            name = "_".join([f"g{groups}k{kernel}", fmt] + [f"{k}-{v}" for k, v in sorted(options.items())])
+            opts = ExportOptions(format=fmt, output=str(root / name), image_size=EXPORT_IMAGE,
+                                 way=5, shot=1, queries=4, **options)
+            cache[key] = (checkpoint, [w.path for w in export_checkpoint(str(checkpoint), opts)])
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def eager():
+    """eager(checkpoint) → the eager model of a checkpoint file, cached."""
+    from dmf_export import load_checkpoint
+
+    models = {}
+
+    def get(checkpoint):
+        if checkpoint not in models:
+            models[checkpoint] = load_checkpoint(checkpoint)
+        return models[checkpoint]
+
+    return get

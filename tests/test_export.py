@@ -16,13 +16,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import EXPORT_IMAGE as IMAGE  # the `exported` fixture's image size
 
 from dmf_export import formats
 from dmf_export.contract import EpisodeSize, make_episode
-from dmf_export.export import ExportOptions, export_checkpoint
 from dmf_export.formats import open_artifact
 
-IMAGE = 32  # 32 → 4×4 features: the whole graph, cheaply
 CONFIGS = [(64, 1), (640, 1), (64, 3)]
 SIZES = [EpisodeSize(5, 1, 4), EpisodeSize(5, 5, 3), EpisodeSize(3, 1, 2),
          EpisodeSize(10, 1, 2), EpisodeSize(4, 2, 1), EpisodeSize(1, 2, 2), EpisodeSize(1, 1, 1)]
@@ -36,43 +35,6 @@ def _format_param(fmt, graph="episode"):
 
 EPISODE_FORMATS = [_format_param(f) for f in formats.all_formats()]
 SPLIT_FORMATS = [_format_param(f) for f in formats.all_formats() if "split" in f.graphs]
-
-
-@pytest.fixture(scope="session")
-def exported(tmp_path_factory):
-    """exported(groups, kernel, format, **options) → (checkpoint, [paths]), cached."""
-    from dmf_export.checkpoint import write_random_checkpoint
-
-    root = tmp_path_factory.mktemp("exports")
-    cache = {}
-
-    def get(groups, kernel, fmt, **options):
-        key = (groups, kernel, fmt, tuple(sorted(options.items())))
-        if key not in cache:
-            checkpoint = root / f"g{groups}k{kernel}.pth.tar"
-            if not checkpoint.exists():
-                write_random_checkpoint(checkpoint, groups=groups, kernel=kernel, seed=groups + kernel)
-            name = "_".join([f"g{groups}k{kernel}", fmt] + [f"{k}-{v}" for k, v in sorted(options.items())])
-            opts = ExportOptions(format=fmt, output=str(root / name), image_size=IMAGE,
-                                 way=5, shot=1, queries=4, **options)
-            cache[key] = (checkpoint, [w.path for w in export_checkpoint(str(checkpoint), opts)])
-        return cache[key]
-
-    return get
-
-
-@pytest.fixture(scope="session")
-def eager(exported):
-    from dmf_export import load_checkpoint
-
-    models = {}
-
-    def get(checkpoint):
-        if checkpoint not in models:
-            models[checkpoint] = load_checkpoint(checkpoint)
-        return models[checkpoint]
-
-    return get
 
 
 def assert_matches_eager(runner, model, sizes=SIZES, tol=1e-4, dtype=torch.float32):

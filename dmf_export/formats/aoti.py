@@ -85,7 +85,7 @@ class AOTInductor(Format):
         return info
 
     def open(self, path: Path, info: ArtifactInfo, run: RunOptions) -> Runner:
-        import dmf_export  # noqa: F401  (the package calls dmf::deform_conv2d through the dispatcher)
+        import dmf_export.ops  # noqa: F401  (the package calls dmf::deform_conv2d through the dispatcher)
 
         device = torch.device(run.device)
         if device.type != (info.device or "cpu"):

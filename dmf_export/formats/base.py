@@ -302,7 +302,7 @@ class Job:
 
     def info(self, fmt: str, graph: str, **extra) -> ArtifactInfo:
         """The one metadata schema (``contract.ArtifactInfo``), as stored in every artifact."""
-        from dmf_export import __version__
+        from dmf_export._version import __version__
 
         opts = self.opts
         return ArtifactInfo(

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dmf_export import __version__
+from dmf_export._version import __version__
 from dmf_export.contract import METADATA_KEY, ArtifactInfo
 from dmf_export.errors import DMFExportError
 from dmf_export.formats import _trace

@@ -247,7 +247,7 @@ def build_engine(onnx_path: Path, plugin_library: Path, profile_shapes: dict, *,
 
 def write_engine(job, engine_path: Path, staging, log) -> Written:
     """The plugin-flavour ONNX graph of ``job`` → an engine and its JSON, at their staging names."""
-    from dmf_export import __version__
+    from dmf_export._version import __version__
 
     opts = job.opts
     trt = require_tensorrt()

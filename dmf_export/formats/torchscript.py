@@ -36,7 +36,7 @@ class TorchScript(Format):
             torch.jit.save(scripted, str(path), _extra_files={METADATA_KEY: info.to_json()})
 
     def read_info(self, path: Path) -> ArtifactInfo:
-        import dmf_export  # noqa: F401  (the graph calls dmf::deform_conv2d)
+        import dmf_export.ops  # noqa: F401  (the graph calls dmf::deform_conv2d)
 
         extra = {METADATA_KEY: ""}
         _jit_load(path, map_location="cpu", _extra_files=extra)
@@ -45,7 +45,7 @@ class TorchScript(Format):
         return ArtifactInfo.from_json(extra[METADATA_KEY])
 
     def open(self, path: Path, info: ArtifactInfo, run: RunOptions) -> Runner:
-        import dmf_export  # noqa: F401
+        import dmf_export.ops  # noqa: F401
 
         partner = split_partner(path, info) if info.graph != "episode" else None
         load = lambda file, device: _jit_load(file, map_location=device).eval()  # noqa: E731

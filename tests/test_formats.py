@@ -1,0 +1,258 @@
+"""The format registry: one surface for every format, options that apply to one format
+refused for another, artifacts that are not what they claim refused in one line, and
+exports that land whole or not at all."""
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+
+import onnx
+import pytest
+from cli_helpers import one_error_line
+from cli_helpers import run_cli as run
+
+from dmf_export import formats
+from dmf_export.errors import DMFExportError
+from dmf_export.formats.base import Format, Staging
+
+PACKAGE = Path(__file__).resolve().parent.parent / "dmf_export"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from dmf_export.checkpoint import write_random_checkpoint
+
+    return write_random_checkpoint(tmp_path_factory.mktemp("formats") / "m.pth.tar", seed=4)
+
+
+# -- the registry ---------------------------------------------------------------------
+
+def test_every_format_fills_in_the_one_surface():
+    assert formats.names() == ["torchscript", "onnx", "aoti", "tensorrt"]
+    suffixes = [f.suffix for f in formats.all_formats()]
+    assert len(set(suffixes)) == len(suffixes)
+    for fmt in formats.all_formats():
+        assert isinstance(fmt, Format) and fmt.title and fmt.suffix.startswith(".")
+        for method in ("read_info", "open"):
+            assert getattr(type(fmt), method) is not getattr(Format, method), (fmt.name, method)
+        assert type(fmt).write_graph is not Format.write_graph or type(fmt).write is not Format.write
+        assert formats.for_path(Path(f"x.encoder{fmt.suffix}")) is fmt
+        assert fmt.unavailable() is None or isinstance(fmt.unavailable(), str)
+
+
+def test_the_command_line_offers_exactly_the_registered_formats():
+    code, out = run("export", "--help")
+    assert code == 0
+    choices = out[out.index("--format"):].split("[", 1)[1].split("]", 1)[0]
+    assert choices.replace("\n", "").replace(" ", "").split("|") == formats.names()
+
+
+def _imports(path: Path, module: str) -> set[str]:
+    """Every dmf_export module ``path`` imports, at any depth of its code."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("dmf_export."))
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module == "dmf_export":  # from dmf_export import formats → the submodule
+                found.update(f"dmf_export.{a.name}" for a in node.names
+                             if (PACKAGE / a.name).is_dir() or (PACKAGE / f"{a.name}.py").is_file())
+            elif node.module.startswith("dmf_export."):
+                found.add(node.module)
+    return {name for name in found if name != module}
+
+
+def test_the_package_has_no_import_cycles():
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        if name != "dmf_export":  # the package root only gathers the public names
+            graph[name] = _imports(path, name)
+    assert "dmf_export.formats.onnx" in graph["dmf_export.formats.tensorrt"]  # the scan sees imports
+
+    def visit(name, trail):
+        if name in trail:
+            raise AssertionError("import cycle: " + " → ".join(trail[trail.index(name):] + [name]))
+        for target in graph.get(name, ()):
+            visit(target, trail + [name])
+
+    for name in graph:
+        visit(name, [])
+
+
+# -- options that belong to another format ---------------------------------------------
+
+@pytest.mark.parametrize("args,needle", [
+    (["-f", "aoti", "--onnx-flavor", "plugin"], "--onnx-flavor applies to --format onnx, not aoti"),
+    (["-f", "onnx", "--max-way", "8"], "--max-way applies to --format tensorrt, not onnx"),
+    (["-f", "torchscript", "--device", "cuda"], "--device applies to --format aoti, not torchscript"),
+    (["-f", "aoti", "--precision", "fp16"], "fp16 AOTInductor packages are for a GPU"),
+    (["-f", "tensorrt", "--graph", "split"], "--graph episode"),
+])
+def test_an_option_of_another_format_is_one_clear_line(checkpoint, tmp_path, args, needle):
+    code, out = run("export", checkpoint, *args, "-o", tmp_path / "x")
+    assert code != 0 and needle in one_error_line(out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_switch_of_another_format_is_one_clear_line(exported):
+    _, (path,) = exported(64, 1, "onnx")
+    with pytest.raises(DMFExportError, match="--plugin applies to tensorrt artifacts, not onnx"):
+        formats.open_artifact(path, plugin="/x.so")
+
+
+# -- artifacts that are not what they claim ----------------------------------------------
+
+def _bad_artifacts(kind: str, real: Path, tmp_path: Path) -> Path:
+    suffix = real.suffix
+    target = tmp_path / f"{kind}{suffix}"
+    if kind == "empty":
+        target.write_bytes(b"")
+    elif kind == "truncated":
+        target.write_bytes(real.read_bytes()[: real.stat().st_size // 2])
+    elif kind == "text":
+        target.write_text("not a model\n")
+    elif kind == "foreign":  # a valid file of that kind, not written by dmf-export
+        foreign = {".onnx": _foreign_onnx, ".ts": _foreign_torchscript, ".pt2": _foreign_zip}[suffix]
+        foreign(target)
+    return target
+
+
+def _foreign_onnx(path):
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Relu", ["x"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), str(path))
+
+
+def _foreign_torchscript(path):
+    import torch
+
+    torch.jit.save(torch.jit.script(torch.nn.ReLU()), str(path))
+
+
+def _foreign_zip(path):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("model/data.pkl", b"not a package")
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx", "aoti"])
+@pytest.mark.parametrize("kind", ["empty", "truncated", "text", "foreign"])
+@pytest.mark.parametrize("command", ["verify", "bench"])
+def test_a_damaged_or_foreign_artifact_is_one_clear_line(exported, checkpoint, tmp_path, fmt, kind, command):
+    if formats.get(fmt).unavailable():
+        pytest.skip(formats.get(fmt).unavailable())
+    _, (real,) = exported(64, 1, fmt)
+    bad = _bad_artifacts(kind, real, tmp_path)
+    args = ["--sizes", "2w1s1q", "--no-eager", "--no-backbone"] if command == "bench" else []
+    code, out = run(command, bad, "-c", checkpoint, *args)
+    assert code == 2, out
+    assert str(bad) in one_error_line(out)
+
+
+@pytest.mark.parametrize("kind", ["empty", "text"])
+def test_a_damaged_engine_is_one_clear_line(checkpoint, tmp_path, kind):
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"" if kind == "empty" else b"not an engine")
+    (tmp_path / "m.engine.json").write_text("{not json" if kind == "text" else "{}")
+    code, out = run("verify", engine, "-c", checkpoint)
+    assert code == 2 and "m.engine" in one_error_line(out)
+
+
+# -- all or nothing ----------------------------------------------------------------------
+
+def test_an_onnx_file_that_fails_its_check_never_lands(checkpoint, tmp_path, monkeypatch):
+    written = []
+
+    def failing_check(path, *args, **kwargs):
+        written.append(Path(path).stat().st_size)  # the exporter did write it, in full
+        raise onnx.checker.ValidationError("bad node")
+
+    monkeypatch.setattr(onnx.checker, "check_model", failing_check)
+    code, out = run("export", checkpoint, "-f", "onnx", "-o", tmp_path / "m.onnx", "--image-size", 32)
+    assert code == 2 and "bad node" in one_error_line(out)
+    assert written and written[0] > 1_000_000
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_split_export_whose_head_fails_leaves_no_encoder(checkpoint, tmp_path, monkeypatch):
+    from dmf_export.formats.onnx import Onnx
+
+    real = Onnx.write_graph
+
+    def head_fails(self, job, graph, path, log):
+        if graph == "head":
+            raise RuntimeError("head exploded")
+        real(self, job, graph, path, log)
+        assert path.stat().st_size > 1_000_000  # the encoder was really written
+
+    monkeypatch.setattr(Onnx, "write_graph", head_fails)
+    code, out = run("export", checkpoint, "-f", "onnx", "--graph", "split", "-o", tmp_path / "m",
+                    "--image-size", 32, "--no-verify")
+    assert code == 2 and "head graph failed" in one_error_line(out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_forced_export_that_fails_keeps_the_old_files(checkpoint, tmp_path, monkeypatch):
+    from dmf_export.formats.onnx import Onnx
+
+    old = {tmp_path / "m.encoder.onnx": "old encoder", tmp_path / "m.head.onnx": "old head"}
+    for path, text in old.items():
+        path.write_text(text)
+
+    def fails(self, job, graph, path, log):
+        raise RuntimeError("no space left")
+
+    monkeypatch.setattr(Onnx, "write_graph", fails)
+    code, out = run("export", checkpoint, "-f", "onnx", "--graph", "split", "-o", tmp_path / "m",
+                    "--force", "--no-verify")
+    assert code == 2 and "no space left" in one_error_line(out)
+    assert {p: p.read_text() for p in tmp_path.iterdir()} == old
+
+
+def test_a_rename_that_fails_midway_puts_every_old_file_back(tmp_path, monkeypatch):
+    first, second = tmp_path / "a.engine", tmp_path / "a.engine.json"
+    first.write_text("old engine")
+    second.write_text("old json")
+    staging = Staging([first, second], force=True)
+    staging.temp(first).write_text("new engine")
+    staging.temp(second).write_text("new json")
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == second and ".tmp-" in Path(src).name:
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(DMFExportError, match="No space left"):
+        with staging:
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.engine", "a.engine.json"]
+    assert (first.read_text(), second.read_text()) == ("old engine", "old json")
+
+
+def test_outputs_that_were_not_all_written_do_not_land(tmp_path):
+    engine, description = tmp_path / "b.engine", tmp_path / "b.engine.json"
+    with pytest.raises(DMFExportError, match="was not written"):
+        with Staging([engine, description]) as staging:
+            staging.temp(engine).write_bytes(b"engine")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_engine_lands_with_its_description():
+    outputs = formats.get("tensorrt").outputs("m.pth.tar", _Options())
+    assert [p.name for p in formats.get("tensorrt").staged(outputs)] == ["m.engine", "m.engine.json"]
+
+
+class _Options:
+    output = None
+    precision = "fp32"
+    graph = "episode"
+    onnx_flavor = "standard"
