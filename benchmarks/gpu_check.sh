@@ -11,9 +11,10 @@
 #   2. the CUDA tests (op vs reference and CPU op, eager model, TorchScript fp32/fp16,
 #      CUDA graphs);
 #   3. the DCN on DMF's shapes: CUDA vs CPU parity, ours vs torchvision   → dcn.json;
-#   4. export TorchScript fp32 and fp16 from a seeded random checkpoint (G 64, K 1, 84×84);
-#   5. verify both on the GPU, plain and from CUDA graphs, and fp32 with TF32;
-#   6. bench, eager original vs both artifacts: IEEE fp32    → bench.json,
+#   4. export TorchScript fp32 and fp16 and a CUDA AOTInductor package (fp32) from a seeded
+#      random checkpoint (G 64, K 1, 84×84);
+#   5. verify them on the GPU, plain and from CUDA graphs, and fp32 with TF32;
+#   6. bench, eager original vs the artifacts: IEEE fp32    → bench.json,
 #      with CUDA graphs → bench_graph.json, with TF32 → bench_tf32.json.
 # QUICK=1 trims step 6 to 5w1s75q; REPEATS (default 50) episodes per bench row;
 # DEVICE=cpu runs the plumbing on a machine without a GPU (the GPU-only steps fail).
@@ -64,13 +65,14 @@ step dcn 300 json "$out/dcn.json" "$py" benchmarks/bench_deform_conv.py --no-cpu
 step checkpoint 60 "$py" -c "from dmf_export.checkpoint import write_random_checkpoint as w; w('$work/ck.pth.tar')"
 step export-fp32 300 cli export "$work/ck.pth.tar" -f torchscript -o "$work/ck.ts" --no-verify
 step export-fp16 300 cli export "$work/ck.pth.tar" -f torchscript --precision fp16 -o "$work/ck.fp16.ts" --no-verify
-for ts in ck.ts ck.fp16.ts; do
+step export-aoti 400 cli export "$work/ck.pth.tar" -f aoti --device cuda -o "$work/ck.pt2" --no-verify
+for ts in ck.ts ck.fp16.ts ck.pt2; do
   step "verify-$ts" 300 cli verify "$work/$ts" -c "$work/ck.pth.tar" --device "$device"
   step "verify-$ts-graph" 300 cli verify "$work/$ts" -c "$work/ck.pth.tar" --device "$device" --cuda-graph \
     --sizes 5w1s75q,5w5s15q
 done
 step verify-ck.ts-tf32 300 cli verify "$work/ck.ts" -c "$work/ck.pth.tar" --device "$device" --tf32
-bench=(cli bench "$work/ck.ts" "$work/ck.fp16.ts" -c "$work/ck.pth.tar" --device "$device" --repeats "$repeats" --json)
+bench=(cli bench "$work/ck.ts" "$work/ck.fp16.ts" "$work/ck.pt2" -c "$work/ck.pth.tar" --device "$device" --repeats "$repeats" --json)
 step bench 600 json "$out/bench.json" "${bench[@]}" --sizes "$sizes"
 step bench-graph 600 json "$out/bench_graph.json" "${bench[@]}" --sizes "$sizes" --cuda-graph --no-backbone
 step bench-tf32 600 json "$out/bench_tf32.json" "${bench[@]}" --sizes 5w1s75q --tf32

@@ -450,3 +450,20 @@ def test_plugin_fields_survive_engine_serialisation(gpu_plugin):
     op = deform_conv2d(*device.values(), stride=stride, padding=padding, dilation=dilation, groups=groups,
                        offset_groups=offset_groups)
     torch.testing.assert_close(output, op, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("driver,runtime,refused", [("12.4", "13.0", True), ("13.0", "13.0", False),
+                                                    ("13.1", "12.8", False), (None, "13.0", False)])
+def test_a_driver_older_than_the_plugins_cuda_runtime_is_one_clear_line(monkeypatch, driver, runtime, refused):
+    from dmf_export import plugin_build
+    from dmf_export.errors import DMFExportError
+
+    monkeypatch.setattr(plugin_build, "driver_cuda_version", lambda: driver)
+    warnings = []
+    if refused:
+        with pytest.raises(DMFExportError, match=f"links the CUDA {runtime} runtime.*supports CUDA {driver}"):
+            plugin_build.check_driver(runtime, "the plugin", strict=True)
+    else:
+        plugin_build.check_driver(runtime, "the plugin", strict=True)
+    plugin_build.check_driver(runtime, "the plugin", log=warnings.append)  # building: a warning at most
+    assert len(warnings) == int(refused)
