@@ -167,7 +167,8 @@ GraphFn = Callable[..., torch.Tensor]
 class Runner:
     """``runner(support, support_labels, query) -> scores [Q, way]`` for any format.
 
-    Torch tensors in (any device; the runner moves and casts them), a torch tensor out.
+    Torch tensors (any device; the runner moves and casts them) or NumPy arrays in, a torch
+    tensor out.
     The episode is checked first (``contract.check_episode``), so a bad one is one clear
     line whatever the backend. A split export runs its encoder on the support and the
     query and its head on the features; ``encode(images)`` is the encoder alone.
@@ -181,6 +182,7 @@ class Runner:
 
     @torch.inference_mode()
     def __call__(self, support, support_labels, query) -> torch.Tensor:
+        support, support_labels, query = (torch.as_tensor(t) for t in (support, support_labels, query))
         check_episode(support, support_labels, query, image_size=self.info.image_size,
                       precision=self.info.precision)
         with self._context():
