@@ -109,7 +109,8 @@ class ArtifactInfo:
 # -- inputs the original would turn into garbage ------------------------------------------
 
 IMAGE_CHANNELS = 3
-_LARGEST = {"fp32": torch.finfo(torch.float32).max, "fp16": torch.finfo(torch.float16).max}
+_LARGEST = {name: torch.finfo(dtype).max for name, dtype in
+            (("fp16", torch.float16), ("fp32", torch.float32), ("fp64", torch.float64))}
 
 
 def check_images(images, *, image_size: int | None, precision: str = "fp32",
@@ -170,6 +171,10 @@ def check_episode(support, support_labels, query, *, image_size: int | None,
                  channels=channels)
     check_images(query, image_size=image_size, precision=precision, name=query_name,
                  channels=channels)
+    if support.shape[2:] != query.shape[2:]:
+        raise DMFExportError(f"{support_name} is {support.shape[2]}×{support.shape[3]} but "
+                             f"{query_name} is {query.shape[2]}×{query.shape[3]}: one size "
+                             f"for the episode")
     labels = support_labels
     if not isinstance(labels, torch.Tensor):
         raise DMFExportError(f"{labels_name} must be a one-hot tensor [S, way], "

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 
-import dmf_export
 from dmf_export import _build
 from dmf_export.errors import DMFExportError
 from dmf_export.ops import build_info, deform_conv2d
@@ -27,10 +26,6 @@ from reference_dcn import deform_conv2d_reference
 
 REPO = Path(__file__).resolve().parent.parent
 KERNELS = source_dir("csrc") / "kernels"
-HAS_CUDA = torch.cuda.is_available() and build_info.with_cuda
-needs_cuda = pytest.mark.skipif(
-    not HAS_CUDA, reason="no CUDA GPU" if build_info.with_cuda else
-    f"op built without CUDA ({build_info.without_cuda_reason})")
 
 
 def _pair(v):
@@ -362,11 +357,14 @@ def test_backward_raises_forward_only_error():
 
 @pytest.mark.skipif(build_info.with_cuda, reason="only a CPU-only build lacks the CUDA kernel")
 def test_cpu_only_build_names_why_cuda_is_missing():
-    # A CPU-only torch cannot make CUDA tensors, so call the kernel registered for CUDA.
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("dmf::deform_conv2d", "CUDA")
+    # A CPU-only torch cannot make CUDA tensors: dispatch the op through its CUDA key (what
+    # a CUDA tensor would reach) to show that the key holds the explaining kernel.
     x, offset, weight, args = make_case()
+    cuda_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
     with pytest.raises(DMFExportError, match=r"built without CUDA \(.+\)"):
-        dmf_export.ops._deform_conv2d_missing_cuda(x, offset, weight, *args.values())
+        torch.ops.dmf.deform_conv2d.default.redispatch(
+            cuda_only, x, offset, weight, *(list(args[k]) for k in ("stride", "padding", "dilation")),
+            args["groups"], args["offset_groups"])
 
 
 # --- PyTorch integration ---------------------------------------------------------------
@@ -492,7 +490,7 @@ def test_broadcast_input_across_uneven_chunks(monkeypatch):
 
 # --- CUDA ------------------------------------------------------------------------------
 
-@needs_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 def test_cuda_float64_matches_reference(config):
     x, offset, weight, args = make_case(**config)
@@ -501,7 +499,7 @@ def test_cuda_float64_matches_reference(config):
     assert relative_error(out, reference(x, offset, weight, args)) < 1e-12
 
 
-@needs_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("out_channels", [16, 64 * 9, 70], ids=["16", "64x9", "70"])
 def test_cuda_float32_matches_cpu_op(out_channels):
     x, offset, weight, args = make_case(n=6, c=64, h=11, w=11, o=out_channels,
@@ -514,7 +512,7 @@ def test_cuda_float32_matches_cpu_op(out_channels):
     assert relative_error(out, reference(x, offset, weight, args)) < 1e-5
 
 
-@needs_cuda
+@pytest.mark.cuda
 def test_cuda_float16_matches_cpu_op():
     x, offset, weight, args = make_case(n=6, c=64, h=11, w=11, o=64 * 9, dtype=torch.float16)
     expected = deform_conv2d(x.float(), offset.float(), weight.float(), **args)
@@ -523,7 +521,7 @@ def test_cuda_float16_matches_cpu_op():
     assert relative_error(out, expected) < 1e-2
 
 
-@needs_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("config", BROADCAST_CONFIGS.values(), ids=BROADCAST_CONFIGS.keys())
 def test_cuda_broadcast_input_matches_reference(config):
     images, samples, case = config
@@ -532,7 +530,7 @@ def test_cuda_broadcast_input_matches_reference(config):
     assert relative_error(out, reference(per_sample, offset, weight, args)) < 1e-12
 
 
-@needs_cuda
+@pytest.mark.cuda
 def test_cuda_empty_batch_and_non_contiguous():
     x, offset, weight, args = make_case(n=0, dtype=torch.float32)
     assert deform_conv2d(x.cuda(), offset.cuda(), weight.cuda(), **args).shape == (0, 5, 7, 7)
