@@ -8,8 +8,9 @@
 # Steps, each with its own time limit, go on after a failure; the summary is on stdout,
 # everything in OUT/gpu_check.log, the measurements as JSON beside it:
 #   1. build dmf::deform_conv2d with its CUDA kernel;
-#   2. the CUDA tests (op vs reference and CPU op, eager model, TorchScript fp32/fp16,
-#      CUDA graphs);
+#   2. the CUDA tests (op vs reference and CPU op, eager model, deployment graph in fp16,
+#      TorchScript fp32/fp16, CUDA graphs); then tests/test_tensorrt.py where the TensorRT
+#      Python package is installed (TENSORRT_ROOT for the plugin's headers);
 #   3. the DCN on DMF's shapes: CUDA vs CPU parity, ours vs torchvision   → dcn.json;
 #   4. export TorchScript fp32 and fp16 and a CUDA AOTInductor package (fp32) from a seeded
 #      random checkpoint (G 64, K 1, 84×84);
@@ -60,7 +61,12 @@ print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get
 print(\"onnxruntime\", onnxruntime.__version__)'"
 step build 600 "$py" -c "import dmf_export.ops as o; print(o.build_info); assert o.build_info.with_cuda"
 step tests 600 "$py" -m pytest -q -p no:cacheprovider -p no:logging -rs -k cuda \
-  tests/test_ops.py tests/test_model.py tests/test_export.py
+  tests/test_ops.py tests/test_model.py tests/test_export.py tests/test_deploy.py
+if "$py" -c "import tensorrt" >/dev/null 2>&1; then
+  step tensorrt 600 "$py" -m pytest -q -p no:cacheprovider -p no:logging -rs tests/test_tensorrt.py
+else
+  echo "tensorrt: not run (no TensorRT Python package)" | tee -a "$log"
+fi
 step dcn 300 json "$out/dcn.json" "$py" benchmarks/bench_deform_conv.py --no-cpu --runs 20 --json
 step checkpoint 60 "$py" -c "from dmf_export.checkpoint import write_random_checkpoint as w; w('$work/ck.pth.tar')"
 step export-fp32 300 cli export "$work/ck.pth.tar" -f torchscript -o "$work/ck.ts" --no-verify

@@ -2,7 +2,9 @@
 
 Checkpoints are read with ``torch.load(weights_only=True)``: no pickled code ever runs,
 for the PyTorch 1.4 legacy (non-zip) serialisation the released files use as well as
-for the zip format. Every failure is one ``DMFExportError`` line naming the file.
+for the zip format. The only globals admitted beyond torch's own are numpy's scalar
+reconstruction, for numbers (training scripts store ``acc``/``epoch`` as numpy scalars).
+Every failure is one ``DMFExportError`` line naming the file.
 """
 from __future__ import annotations
 
@@ -127,9 +129,62 @@ def _sniff(path: Path) -> str:
         f"{path} is not a PyTorch checkpoint (neither the zip nor the legacy serialisation)")
 
 
-def _load_safely(path: Path, serialisation: str):
+# numpy scalars of these kinds only (bool, integers, floats): what a metric or a counter
+# is; an object dtype would hand back whatever it wraps.
+_NUMPY_SCALAR_KINDS = "biuf"
+# where numpy 1.x (numpy.core) and 2.x (numpy._core) keep the scalar reconstruction
+_NUMPY_SCALAR_NAMES = ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar")
+
+
+@functools.lru_cache(maxsize=1)
+def _numpy_safe_globals() -> tuple:
+    """The globals that rebuild a numpy number, e.g. ``np.float64(0.68)``: pickled as
+    ``scalar(dtype('f8', False, True) + BUILD state, raw bytes)``. Both callables are
+    wrapped to refuse anything but a plain number's dtype; the dtype classes are needed
+    for the BUILD step only. Empty without numpy."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        import numpy
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        return ()
+    try:
+        from numpy._core.multiarray import scalar as numpy_scalar
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import scalar as numpy_scalar
+
+    def plain(dtype) -> bool:
+        return (isinstance(dtype, numpy.dtype) and dtype.kind in _NUMPY_SCALAR_KINDS
+                and dtype.names is None and dtype.subdtype is None and not dtype.hasobject)
+
+    def number_dtype(spec, align=False, copy=True):
+        dtype = numpy.dtype(spec) if isinstance(spec, str) else None
+        if not plain(dtype) or not isinstance(align, bool) or not isinstance(copy, bool):
+            raise pickle.UnpicklingError(f"numpy dtype {spec!r} is not a plain number's")
+        return numpy.dtype(spec, align, copy)
+
+    def number_scalar(dtype, data):
+        if not plain(dtype) or not isinstance(data, bytes) or len(data) != dtype.itemsize:
+            raise pickle.UnpicklingError(f"numpy scalar of dtype {dtype!r} is not a plain number")
+        return numpy_scalar(dtype, data)
+
+    dtype_classes = {type(numpy.dtype(code)) for code in "?bBhHiIlLqQefd"}
+    return ((number_dtype, "numpy.dtype"),
+            *((number_scalar, name) for name in _NUMPY_SCALAR_NAMES),
+            *sorted(dtype_classes, key=str))
+
+
+def _load_safely(path: Path, serialisation: str):
+    """(content, storage locations): the file's objects on the CPU, and the devices its
+    storages were saved from ('cpu', 'cuda:0', ...), without running pickled code."""
+    locations: set[str] = set()
+
+    def to_cpu(storage, location):
+        locations.add(str(location))
+        return storage  # read into CPU memory already; no device is touched
+
+    try:
+        with torch.serialization.safe_globals(list(_numpy_safe_globals())):
+            content = torch.load(path, map_location=to_cpu, weights_only=True)
+        return content, sorted(locations)
     except pickle.UnpicklingError as err:
         message = str(err)
         if "Weights only load failed" in message or "WeightsUnpickler" in message:
@@ -151,6 +206,8 @@ def _load_safely(path: Path, serialisation: str):
 def _plain_number(value):
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):  # np.int64(89)
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     if isinstance(value, float) and not math.isfinite(value):
@@ -161,15 +218,17 @@ def _plain_number(value):
 def read_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
     """(state_dict without prefix, info): the file's tensors, read without running code.
 
-    ``info``: path, serialisation ('legacy'/'zip'), wrapped (the original's
+    ``info``: path, serialisation ('legacy'/'zip'), saved_on (the devices the storages
+    were saved from, sorted: ['cuda:0'] for the released files), wrapped (the original's
     {'state_dict', 'acc', 'epoch'} dict or a bare state dict), prefix ('' or
     'module.'), and epoch/acc when the wrapper holds them. Only the container is
     checked here; ``dmf_config`` checks that the entries are DMF's.
     """
     path = Path(path)
     serialisation = _sniff(path)
-    content = _load_safely(path, serialisation)
-    info: dict = {"path": str(path), "serialisation": serialisation}
+    content, locations = _load_safely(path, serialisation)
+    info: dict = {"path": str(path), "serialisation": serialisation,
+                  "saved_on": locations}
     if isinstance(content, dict) and isinstance(content.get("state_dict"), dict):
         state_dict = content["state_dict"]
         info["wrapped"] = True
@@ -268,6 +327,16 @@ def load_checkpoint(path, groups: int | None = None, kernel: int | None = None):
     return model
 
 
+# The training classes of the benchmarks the original was trained on (its global
+# classifier has one output per class). CIFAR-FS also trains 64 classes.
+DATASETS_BY_CLASSES = {64: "miniImageNet", 351: "tieredImageNet"}
+
+
+def dataset_of(classes: int) -> str:
+    """The benchmark a classifier of ``classes`` outputs suggests, or 'unknown'."""
+    return DATASETS_BY_CLASSES.get(classes, "unknown")
+
+
 def inspect_checkpoint(path) -> dict:
     """What a checkpoint is, as a JSON-serialisable dict (``dmf-export inspect``)."""
     state_dict, info = read_checkpoint(path)
@@ -282,10 +351,12 @@ def inspect_checkpoint(path) -> dict:
         "groups": groups,
         "kernel": kernel,
         "classes": classes,
+        "dataset": dataset_of(classes),
         "parameters": sum(value.numel() for key, value in state_dict.items() if _is_parameter(key)),
         "entries": len(state_dict),
         "dtype": ",".join(dtypes),
         "size_bytes": Path(path).stat().st_size,
+        "saved_on": info["saved_on"],
     }
     for key in ("epoch", "acc", "extra_keys"):
         if key in info:

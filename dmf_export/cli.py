@@ -53,9 +53,15 @@ def inspect(checkpoint, as_json):
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
+    if info["dataset"] == "unknown":
+        info["dataset"] = f"unknown ({info['classes']} classes: not miniImageNet's 64 " \
+                          f"nor tieredImageNet's 351)"
+    else:
+        info["dataset"] = f"{info['dataset']} (by its {info['classes']} classes)"
     width = max(len(k) for k in info)
     for key, value in info.items():
-        click.echo(f"{key:<{width}}  {value}")
+        shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+        click.echo(f"{key:<{width}}  {shown}")
 
 
 def _log(message: str) -> None:

@@ -12,6 +12,7 @@ from typing import Iterable
 
 import torch
 
+from dmf_export.errors import DMFExportError
 from dmf_export.models.dmf import FEATURE_CHANNELS  # noqa: F401  (features are [N, 640, h, w])
 
 EPISODE_INPUTS = ("support", "support_labels", "query")
@@ -107,6 +108,105 @@ class ArtifactInfo:
         return cls(**{k: v for k, v in json.loads(text).items() if k in fields})
 
 
+# -- inputs the original would turn into garbage ------------------------------------------
+
+IMAGE_CHANNELS = 3
+_LARGEST = {name: torch.finfo(dtype).max for name, dtype in
+            (("fp16", torch.float16), ("fp32", torch.float32), ("fp64", torch.float64))}
+
+
+def check_images(images, *, image_size: int | None, precision: str = "fp32",
+                 name: str = "images", channels: int = IMAGE_CHANNELS) -> None:
+    """DMFExportError (one line naming ``name``) unless ``images`` is a floating-point
+    tensor [N, channels, image_size, image_size] (``image_size`` None: any size) of finite
+    values that stay finite in the artifact's ``precision``.
+
+    Any floating dtype passes: the runners cast to the artifact's dtype, and float16 into
+    an fp32 artifact is exact (fp32 into an fp16 one rounds as the fp16 graph would).
+    Integer images (unnormalised pixels) are refused.
+    """
+    if precision not in _LARGEST:
+        raise ValueError(f"precision must be one of {sorted(_LARGEST)}, got {precision!r}")
+    if not isinstance(images, torch.Tensor):
+        raise DMFExportError(f"{name} must be a tensor [N, {channels}, H, W], "
+                             f"got {type(images).__name__}")
+    if images.dim() != 4:
+        raise DMFExportError(f"{name} must be [N, {channels}, H, W], got shape "
+                             f"{list(images.shape)} ({images.dim()}-D)")
+    if not images.is_floating_point():
+        raise DMFExportError(f"{name} is {str(images.dtype).replace('torch.', '')}: expected "
+                             f"floating-point images, normalised (mean/std) outside the network")
+    if images.shape[0] == 0:
+        raise DMFExportError(f"{name} is empty: at least one image is needed")
+    if images.shape[1] != channels:
+        raise DMFExportError(f"{name} has {images.shape[1]} channels, expected {channels} "
+                             f"(shape {list(images.shape)}, [N, {channels}, H, W])")
+    if image_size is not None and tuple(images.shape[2:]) != (image_size, image_size):
+        raise DMFExportError(f"{name} is {images.shape[2]}×{images.shape[3]}, expected "
+                             f"{image_size}×{image_size} (the artifact's image size)")
+    finite = torch.isfinite(images).flatten(1).all(1)
+    if not finite.all():
+        first = int((~finite).nonzero()[0])
+        raise DMFExportError(f"{name} has NaN or Inf values (image {first} is the first of "
+                             f"{int((~finite).sum())})")
+    largest = images.abs().max().item()
+    if largest > _LARGEST[precision]:
+        raise DMFExportError(f"{name} holds {largest:.4g}, beyond {precision}'s range "
+                             f"({_LARGEST[precision]:.6g}): the artifact would see Inf")
+
+
+def check_episode(support, support_labels, query, *, image_size: int | None,
+                  precision: str = "fp32", channels: int = IMAGE_CHANNELS,
+                  names: tuple[str, str, str] = EPISODE_INPUTS) -> None:
+    """DMFExportError, one line naming the input, for an episode the original would turn
+    into garbage or refuse: ``support`` and ``query`` as in ``check_images``;
+    ``support_labels`` [S, way] one-hot (every value 0 or 1, every row summing to 1),
+    with S the support's images and every class given at least one support image (the
+    original divides by the class's count: NaN scores). Returns nothing; casting to the
+    artifact's dtype is the runner's (see ``check_images`` for what passes).
+
+    ``channels``, ``image_size`` and ``names`` fit the split head too (features [N, 640,
+    h, w], ``HEAD_INPUTS``).
+    """
+    support_name, labels_name, query_name = names
+    check_images(support, image_size=image_size, precision=precision, name=support_name,
+                 channels=channels)
+    check_images(query, image_size=image_size, precision=precision, name=query_name,
+                 channels=channels)
+    if support.shape[2:] != query.shape[2:]:
+        raise DMFExportError(f"{support_name} is {support.shape[2]}×{support.shape[3]} but "
+                             f"{query_name} is {query.shape[2]}×{query.shape[3]}: one size "
+                             f"for the episode")
+    labels = support_labels
+    if not isinstance(labels, torch.Tensor):
+        raise DMFExportError(f"{labels_name} must be a one-hot tensor [S, way], "
+                             f"got {type(labels).__name__}")
+    if labels.dim() != 2:
+        hint = " (class indices? give one-hot rows)" if labels.dim() == 1 else ""
+        raise DMFExportError(f"{labels_name} must be one-hot [S, way], got shape "
+                             f"{list(labels.shape)}{hint}")
+    if labels.shape[0] != support.shape[0]:
+        raise DMFExportError(f"{labels_name} has {labels.shape[0]} rows but {support_name} "
+                             f"has {support.shape[0]} images (one row per support image)")
+    labels = labels.double()
+    off = ((labels != 0) & (labels != 1)).nonzero()
+    if off.numel():
+        row, column = (int(i) for i in off[0])
+        raise DMFExportError(f"{labels_name} is not one-hot: row {row} holds "
+                             f"{labels[row, column].item():g} (only 0 and 1 are allowed)")
+    sums = labels.sum(1)
+    if (sums != 1).any():
+        row = int((sums != 1).nonzero()[0])
+        raise DMFExportError(f"{labels_name} is not one-hot: row {row} sums to "
+                             f"{sums[row].item():g}, not 1")
+    empty = [int(k) for k in (labels.sum(0) == 0).nonzero().flatten()]
+    if empty:  # (way >= 1 here: S >= 1 rows each sum to 1)
+        which = f"class {empty[0]} has" if len(empty) == 1 else \
+            f"classes {', '.join(map(str, empty))} have"
+        raise DMFExportError(f"{labels_name}: {which} no support image; the original "
+                             f"divides by each class's count (NaN scores)")
+
+
 def parse_sizes(text: str) -> list[EpisodeSize]:
     """'5w1s75q,5w5s75q' -> sizes (the notation bench and verify print)."""
     sizes = []
@@ -125,16 +225,3 @@ def unique(sizes: Iterable[EpisodeSize]) -> list[EpisodeSize]:
             seen.add(s)
             out.append(s)
     return out
-
-
-def check_episode(support, support_labels, query, *, image_size: int, precision: str = "fp32") -> None:
-    """Refuse, in one line naming the input, an episode the graph cannot score."""
-    from dmf_export.errors import DMFExportError
-
-    for name, images in (("support", support), ("query", query)):
-        shape = tuple(images.shape)
-        if len(shape) != 4 or shape[1] != 3 or shape[2:] != (image_size, image_size):
-            raise DMFExportError(f"{name} has shape {list(shape)}; expected [N, 3, {image_size}, {image_size}]")
-    if tuple(support_labels.shape[:1]) != tuple(support.shape[:1]) or len(support_labels.shape) != 2:
-        raise DMFExportError(f"support_labels has shape {list(support_labels.shape)}; expected "
-                             f"[{support.shape[0]}, way] (one row per support image)")

@@ -16,7 +16,10 @@ def summarize(err: BaseException) -> str:
     sentence says what went wrong.
     """
     text = str(err).strip()
-    match = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+    # torch.load(weights_only=True) puts the reason after "WeightsUnpickler error:" (an
+    # admitted global's own error a blank line further), or alone after its advice
+    match = (re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+             or re.search(r"^Weights only load failed.*?\n\s*\n\s*([^\n]+)", text, re.S))
     if match:
         text = match.group(1).split(" Please use")[0]
     line = text.splitlines()[0] if text else ""

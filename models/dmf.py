@@ -187,18 +187,10 @@ class DMF(nn.Module):
     # -- input checks --------------------------------------------------------------
 
     def _check_episode(self, support, support_labels, query) -> None:
-        for name, images in (("support", support), ("query", query)):
-            if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-                raise DMFExportError(
-                    f"{name} must be a [N, 3, H, W] image tensor, got {_describe(images)}")
-            if images.shape[0] == 0:
-                raise DMFExportError(f"{name} is empty: {_describe(images)}")
-            if not images.is_floating_point():
-                raise DMFExportError(f"{name} must be floating point, got {images.dtype}")
-        if support.shape[2:] != query.shape[2:]:
-            raise DMFExportError(
-                f"support and query images differ in size: {tuple(support.shape[2:])} "
-                f"vs {tuple(query.shape[2:])}")
+        from dmf_export.contract import check_episode  # (contract imports this module)
+
+        check_episode(support, support_labels, query, image_size=None,
+                      precision=self._precision())
         if support.dtype != query.dtype:
             raise DMFExportError(
                 f"support and query differ in dtype: {support.dtype} vs {query.dtype}")
@@ -207,40 +199,13 @@ class DMF(nn.Module):
             raise DMFExportError(
                 f"inputs are {support.dtype} but the model is {weight.dtype}; "
                 f"convert one of them (e.g. model.to({support.dtype}))")
-        self._check_labels(support.shape[0], support_labels)
 
     def _check_features(self, support_features, support_labels, query_features) -> None:
-        for name, features in (("support features", support_features),
-                               ("query features", query_features)):
-            if (not isinstance(features, torch.Tensor) or features.dim() != 4
-                    or features.shape[1] != FEATURE_CHANNELS or features.shape[0] == 0):
-                raise DMFExportError(
-                    f"{name} must be [N, {FEATURE_CHANNELS}, h, w] with N > 0, "
-                    f"got {_describe(features)}")
-        if support_features.shape[2:] != query_features.shape[2:]:
-            raise DMFExportError(
-                f"support and query features differ in size: "
-                f"{tuple(support_features.shape[2:])} vs {tuple(query_features.shape[2:])}")
-        self._check_labels(support_features.shape[0], support_labels)
+        from dmf_export.contract import HEAD_INPUTS, check_episode
 
-    @staticmethod
-    def _check_labels(shots: int, support_labels) -> None:
-        if (not isinstance(support_labels, torch.Tensor) or support_labels.dim() != 2
-                or support_labels.shape[1] == 0):
-            raise DMFExportError(
-                f"support_labels must be one-hot [S, way], got {_describe(support_labels)}")
-        if support_labels.shape[0] != shots:
-            raise DMFExportError(
-                f"support_labels has {support_labels.shape[0]} rows but there are {shots} "
-                f"support images; expected one-hot [S, way] = [{shots}, way]")
-        empty = (support_labels.sum(0) <= 0).nonzero().flatten().tolist()
-        if empty:  # a prototype divides by its class's shot count
-            raise DMFExportError(
-                f"support_labels gives class {empty[0]} no support image "
-                f"({len(empty)} of {support_labels.shape[1]} classes are empty)")
+        check_episode(support_features, support_labels, query_features, image_size=None,
+                      precision=self._precision(), channels=FEATURE_CHANNELS, names=HEAD_INPUTS)
 
-
-def _describe(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"shape {list(value.shape)} ({value.dtype})"
-    return type(value).__name__
+    def _precision(self) -> str:
+        dtype = self.dw_gen.off_conv.weight.dtype
+        return {torch.float16: "fp16", torch.float64: "fp64"}.get(dtype, "fp32")

@@ -111,3 +111,29 @@ def eager():
         return models[checkpoint]
 
     return get
+
+
+# -- the one CUDA condition -------------------------------------------------------------
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cuda: needs a CUDA GPU and dmf::deform_conv2d built with CUDA (else skipped)")
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why the CUDA tests cannot run here, or None when they can: a GPU AND the op built
+    with CUDA (a GPU machine without nvcc, or with a CPU-only torch, skips them)."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    from dmf_export.ops import build_info
+
+    if not build_info.with_cuda:
+        return f"dmf::deform_conv2d built without CUDA ({build_info.without_cuda_reason})"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    reason = cuda_unavailable_reason() if marked else None
+    for item in marked if reason else ():
+        item.add_marker(pytest.mark.skip(reason=reason))

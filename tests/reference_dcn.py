@@ -49,8 +49,11 @@ def deform_conv2d_reference(input, offset, weight, stride=1, padding=0, dilation
         inside = valid & (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
         index = (yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)).reshape(n, offset_groups, 1, -1)
         corner = torch.gather(planes, 3, index.expand(-1, -1, c // offset_groups, -1))
-        weight_corner = torch.where(inside, wy * wx, torch.zeros_like(wy))
-        sampled += corner * weight_corner.reshape(n, offset_groups, 1, -1)
+        # a corner outside the image is 0 whatever the clamped pixel it read holds
+        # (selected, not weighted by 0: 0 * Inf is NaN)
+        inside = inside.reshape(n, offset_groups, 1, -1)
+        term = corner * (wy * wx).reshape(n, offset_groups, 1, -1)
+        sampled += torch.where(inside, term, torch.zeros_like(term))
 
     columns = sampled.reshape(n, groups, cg * taps, ho * wo)  # channel-major, then tap
     kernel = weight.reshape(groups, out_channels // groups, cg * taps)

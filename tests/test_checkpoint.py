@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import builtins
+import importlib
+import io
 import json
 import os
 import pickle
+import pickletools
+import zipfile
 from collections import OrderedDict
+
+import numpy as np
 
 import pytest
 import torch
@@ -26,6 +32,37 @@ def _save(obj, path, legacy=True):
     """What the original training code (PyTorch 1.4: legacy) or a newer PyTorch does."""
     torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
     return path
+
+
+def _rewrite_zip_entry(path, suffix, change):
+    """Rewrite the entry of a zip checkpoint whose name ends with `suffix` by `change`
+    (bytes -> bytes), every other entry kept, uncompressed as torch writes them."""
+    with zipfile.ZipFile(path) as archive:
+        entries = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    assert any(name.endswith(suffix) for name, _ in entries), suffix
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, content in entries:
+            archive.writestr(name, change(content) if name.endswith(suffix) else content)
+    return path
+
+
+def _rewrite_pickles(path, replacements):
+    """Replace bytes in a checkpoint's pickles: the whole file (legacy: its pickles are read
+    one after another, nothing points into them) or a zip's data.pkl."""
+    def change(data):
+        for old, new in replacements:
+            assert old in data, old
+            data = data.replace(old, new)
+        return data
+
+    if path.read_bytes()[:4] == ZIP_HEAD:
+        return _rewrite_zip_entry(path, "/data.pkl", change)
+    path.write_bytes(change(path.read_bytes()))
+    return path
+
+
+# the pickled location string of a storage torch.save found on the CPU, and a GPU's
+_CPU_LOCATION = (b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
 
 
 def _with_kernel_conv(state_dict, out_channels):
@@ -82,12 +119,8 @@ def test_legacy_checkpoint_of_a_cuda_model_loads_on_cpu(dmf_state_dict, tmp_path
     # torch.cuda.*Storage at location 'cuda:0' (rewritten here from a CPU save).
     state = dmf_state_dict(64, 1)
     path = _save({"state_dict": state, "acc": 0.6, "epoch": 9}, tmp_path / "gpu.pth.tar")
-    data = path.read_bytes()
-    for storage in (b"FloatStorage", b"LongStorage"):
-        assert b"ctorch\n" + storage + b"\n" in data
-        data = data.replace(b"ctorch\n" + storage + b"\n", b"ctorch.cuda\n" + storage + b"\n")
-    assert b"X\x03\x00\x00\x00cpu" in data
-    path.write_bytes(data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0"))
+    _rewrite_pickles(path, [(b"ctorch\n" + storage + b"\n", b"ctorch.cuda\n" + storage + b"\n")
+                            for storage in (b"FloatStorage", b"LongStorage")] + [_CPU_LOCATION])
     loaded = load_checkpoint(path).state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
     assert loaded["dw_gen.off_conv.weight"].device.type == "cpu"
@@ -100,6 +133,51 @@ def test_read_checkpoint_reports_the_container(dmf_state_dict, tmp_path):
     assert set(tensors) == set(dmf_state_dict(64, 1))
     assert info["serialisation"] == "legacy" and info["wrapped"] is True
     assert info["prefix"] == "module." and info["epoch"] == 90 and info["acc"] == 0.64
+
+
+@pytest.mark.parametrize("numpy_name", [b"numpy._core.multiarray", b"numpy.core.multiarray"],
+                         ids=["numpy2", "numpy1"])
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "zip"])
+def test_numpy_scalar_metadata_loads(legacy, numpy_name, dmf_state_dict, tmp_path):
+    # what many training scripts write: the metrics as numpy scalars (numpy 1.x pickles
+    # their reconstruction as numpy.core..., 2.x as numpy._core...)
+    path = _save({"state_dict": dmf_state_dict(64, 1), "acc": np.float64(0.68),
+                  "epoch": np.int64(89)}, tmp_path / "np.pth.tar", legacy)
+    written = b"c" + np.float64(0).__reduce__()[0].__module__.encode() + b"\nscalar\n"
+    _rewrite_pickles(path, [(written, b"c" + numpy_name + b"\nscalar\n")])
+    info = inspect_checkpoint(path)
+    assert info["epoch"] == 89 and type(info["epoch"]) is int
+    assert info["acc"] == 0.68 and type(info["acc"]) is float
+    assert load_checkpoint(path).num_classes == 64
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "zip"])
+@pytest.mark.parametrize("extra,found", [
+    (np.array([0.5, 0.6]), "_reconstruct"),       # an array: more than a scalar
+    (np.float64(0.5), "not a plain number"),      # a scalar whose dtype says 'object'
+    (np.dtype("float64").type, "float64"),        # a numpy class itself
+], ids=["array", "object_scalar", "class"])
+def test_numpy_beyond_plain_scalars_is_refused(legacy, extra, found, tmp_path):
+    path = _save({"state_dict": {"w": torch.zeros(2)}, "acc": 0.5, "history": extra},
+                 tmp_path / "np.pth.tar", legacy)
+    if found == "not a plain number":
+        _rewrite_pickles(path, [(b"X\x02\x00\x00\x00f8", b"X\x02\x00\x00\x00O8")])
+    with pytest.raises(DMFExportError, match=f"refusing to load .*{found}") as err:
+        read_checkpoint(path)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "zip"])
+def test_inspect_says_where_the_storages_were_saved(legacy, dmf_state_dict, tmp_path):
+    path = _save({"state_dict": dmf_state_dict(64, 1), "acc": 0.6, "epoch": 9},
+                 tmp_path / "c.pth.tar", legacy)
+    assert inspect_checkpoint(path)["saved_on"] == ["cpu"]
+    _rewrite_pickles(path, [_CPU_LOCATION])  # as the released files, written on a GPU
+    assert inspect_checkpoint(path)["saved_on"] == ["cuda:0"]
+    result = CliRunner().invoke(cli, ["inspect", str(path)])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()}
+    assert lines["saved_on"] == ["cuda:0"]
 
 
 # -- groups / kernel / classes -----------------------------------------------------------------
@@ -166,13 +244,15 @@ def test_checkpoint_whose_kernel_conv_is_not_dmf_is_refused(dmf_state_dict, tmp_
     assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("classes", [64, 351])
+@pytest.mark.parametrize("classes", [64, 351, 100])
 def test_classes_come_from_the_global_classifier(classes, dmf_state_dict, tmp_path):
     state = dict(dmf_state_dict(64, 1))
     state["global_clasifier.weight"] = torch.randn(classes, 640, 1, 1)
     state["global_clasifier.bias"] = torch.randn(classes)
     path = _save({"state_dict": state, "acc": 0.7, "epoch": 3}, tmp_path / "c.pth.tar")
     assert inspect_checkpoint(path)["classes"] == classes
+    assert inspect_checkpoint(path)["dataset"] == {64: "miniImageNet", 351: "tieredImageNet",
+                                                   100: "unknown"}[classes]
     model = load_checkpoint(path)
     assert model.num_classes == classes and model.global_clasifier.out_channels == classes
     assert torch.equal(model.global_clasifier.bias, state["global_clasifier.bias"])
@@ -205,6 +285,109 @@ def test_pickle_payload_is_refused_and_never_runs(legacy, tmp_path):
     # the payload is live: an unsafe load does create the file
     torch.load(path, weights_only=False)
     assert target.exists()
+
+
+def _call_pickle(module, name, *args):
+    """A protocol-2 pickle of module.name(*args), written by hand (GLOBAL, args, REDUCE) as
+    a hostile file would hold it, whatever the function's own __module__ says."""
+    return (b"\x80\x02c" + f"{module}\n{name}\n".encode() + pickle.dumps(args, protocol=2)[2:-1]
+            + b"R.")
+
+
+def _payloads(target):
+    """Pickles that each create `target` when unpickled (with plain pickle)."""
+    quoted = repr(str(target))
+    return {
+        "builtins.open": _call_pickle("builtins", "open", str(target), "w"),
+        "os.system": _call_pickle("os", "system", f"touch {quoted}"),
+        "posix.system": _call_pickle("posix", "system", f"touch {quoted}"),
+        "eval": _call_pickle("builtins", "eval", f"open({quoted}, 'w')"),
+        "exec": _call_pickle("builtins", "exec", f"open({quoted}, 'w').close()"),
+        "subprocess.run": _call_pickle("subprocess", "run", ["touch", str(target)]),
+    }
+
+
+PAYLOAD_NAMES = list(_payloads("x"))
+
+
+@pytest.mark.parametrize("payload", PAYLOAD_NAMES)
+def test_the_hostile_payloads_are_live(payload, tmp_path):
+    # each would create its file: so a test that it did not proves the loader refused it
+    target = tmp_path / "created"
+    pickle.loads(_payloads(target)[payload])
+    assert target.exists()
+
+
+def _legacy_pickles(data):
+    """A legacy file's five pickles (magic number, protocol, sys_info, the object, storage
+    keys) and the raw storage bytes after them; walked with pickletools, nothing runs."""
+    stream, pieces = io.BytesIO(data), []
+    for _ in range(5):
+        start = stream.tell()
+        for opcode, _, _ in pickletools.genops(stream):
+            if opcode.name == "STOP":
+                break
+        pieces.append(data[start:stream.tell()])
+    return pieces, data[stream.tell():]
+
+
+LEGACY_PICKLES = ["magic_number", "protocol", "sys_info", "object", "storage_keys"]
+
+
+def _in_a_list(payload):
+    return b"\x80\x02](" + payload[2:-1] + b"e."  # [payload], as storage keys are a list
+
+
+def _hostile_file(where, payload, tmp_path):
+    path = tmp_path / "hostile.pth.tar"
+    content = {"state_dict": {"w": torch.zeros(3)}, "acc": 0.5, "epoch": 1}
+    if where == "zip_data.pkl":
+        return _rewrite_zip_entry(_save(content, path, legacy=False), "/data.pkl",
+                                  lambda _: payload)
+    pieces, storages = _legacy_pickles(_save(content, path).read_bytes())
+    index = LEGACY_PICKLES.index(where)
+    pieces[index] = _in_a_list(payload) if where == "storage_keys" else payload
+    path.write_bytes(b"".join(pieces) + storages)
+    return path
+
+
+@pytest.mark.parametrize("payload", PAYLOAD_NAMES)
+@pytest.mark.parametrize("where", LEGACY_PICKLES + ["zip_data.pkl"])
+def test_hostile_pickle_anywhere_is_refused_and_never_runs(where, payload, tmp_path):
+    target = tmp_path / "created-by-unpickling"
+    path = _hostile_file(where, _payloads(target)[payload], tmp_path)
+    for read in (read_checkpoint, load_checkpoint, inspect_checkpoint):
+        with pytest.raises(DMFExportError, match="refusing to load .*pickled code") as err:
+            read(path)
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
+        assert payload.removeprefix("builtins.") in str(err.value)  # names what it refused
+    assert not target.exists()
+
+
+class _Calls:
+    """Pickled (by torch.save, i.e. plain pickle) as a call of module.name(*args)."""
+
+    def __init__(self, module, name, *args):
+        self.function, self.args = getattr(importlib.import_module(module), name), args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "zip"])
+@pytest.mark.parametrize("call", [("builtins", "eval"), ("os", "system"),
+                                  ("subprocess", "run")], ids=["eval", "os.system", "subprocess"])
+def test_payload_deep_inside_the_state_dict_is_refused_and_never_runs(legacy, call, tmp_path):
+    target = tmp_path / "created-by-unpickling"
+    argument = {"eval": f"open({str(target)!r}, 'w')", "system": f"touch {str(target)!r}",
+                "run": ["touch", str(target)]}[call[1]]
+    state = {"base.layer1.0.conv1.weight": torch.zeros(2),
+             "deep": {"a": [{"b": (1, OrderedDict(c=_Calls(*call, argument)))}]}}
+    path = _save({"state_dict": state, "acc": 0.5, "epoch": 1}, tmp_path / "deep.pth", legacy)
+    with pytest.raises(DMFExportError, match="refusing to load .*pickled code") as err:
+        load_checkpoint(path)
+    assert "\n" not in str(err.value)
+    assert not target.exists()
 
 
 @pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "zip"])
@@ -358,6 +541,17 @@ def test_inspect_json(dmf_state_dict, tmp_path):
     assert info["entries"] == 104
     assert info["parameters"] == _parameter_count(64, 3, 64)
     assert info["epoch"] == 42 and info["acc"] == pytest.approx(0.6543)
+    assert info["dataset"] == "miniImageNet" and info["saved_on"] == ["cpu"]
+
+
+def test_inspect_text_says_an_unknown_class_count(dmf_state_dict, tmp_path):
+    state = dict(dmf_state_dict(64, 1))
+    state["global_clasifier.weight"] = torch.zeros(100, 640, 1, 1)
+    state["global_clasifier.bias"] = torch.zeros(100)
+    result = CliRunner().invoke(cli, ["inspect", str(_save(state, tmp_path / "c.pth"))])
+    assert result.exit_code == 0, result.output
+    assert [line for line in result.stdout.splitlines() if line.startswith("dataset")] == [
+        "dataset        unknown (100 classes: not miniImageNet's 64 nor tieredImageNet's 351)"]
 
 
 def test_inspect_text(checkpoint_file):
@@ -368,6 +562,8 @@ def test_inspect_text(checkpoint_file):
     assert lines["serialisation"] == ["zip"] and lines["groups"] == ["160"]
     assert lines["kernel"] == ["1"] and lines["classes"] == ["351"]
     assert lines["parameters"] == [str(_parameter_count(160, 1, 351))]
+    assert lines["dataset"] == ["tieredImageNet", "(by", "its", "351", "classes)"]
+    assert lines["saved_on"] == ["cpu"]
     assert "epoch" not in lines
 
 

@@ -75,18 +75,6 @@ def assert_same_scores(actual, expected, **tolerance):
     assert torch.equal(actual.argmax(1), expected.argmax(1))
 
 
-def op_supports(dtype):
-    """Whether dmf::deform_conv2d runs in ``dtype`` on this machine's CPU."""
-    try:
-        torch.ops.dmf.deform_conv2d(torch.zeros(1, 1, 3, 3, dtype=dtype),
-                                    torch.zeros(1, 18, 3, 3, dtype=dtype),
-                                    torch.zeros(1, 1, 3, 3, dtype=dtype),
-                                    [1, 1], [1, 1], [1, 1], 1, 1)
-    except (RuntimeError, NotImplementedError):
-        return False
-    return True
-
-
 # -- parity with the eager model ------------------------------------------------------
 
 @pytest.mark.parametrize("name", EPISODES)
@@ -130,8 +118,6 @@ def test_encoder_taking_a_few_images_at_a_time_matches_eager_backbone(dmf):
 def test_episode_graph_is_exact_in_float64(dmf, make_episode, config):
     # in float64 the restructuring (BN folding, split offset conv, element-wise
     # alignment, one weighted score) must agree to rounding, far below the fp32 tolerance
-    if not op_supports(torch.float64):
-        pytest.skip("dmf::deform_conv2d has no float64 kernel here")
     model = copy.deepcopy(dmf(*config)[0]).double()
     graph = build_episode_graph(model)
     inputs = episode(make_episode, 4, 2, 3, 36, seed=7, dtype=torch.float64)
@@ -247,17 +233,17 @@ def test_exported_head_has_dynamic_support_way_queries_and_feature_size(dmf, mak
         assert_same_scores(exported(*features), model.head(*features))
 
 
+@pytest.mark.cuda  # dmf::deform_conv2d has float16 kernels on CUDA only
 def test_half_precision_copy_runs_close_to_eager_model(dmf, make_episode):
-    if not op_supports(torch.float16):
-        pytest.skip("dmf::deform_conv2d has no float16 kernel on this device")
     model, graph = dmf(64, 3)
-    half = copy.deepcopy(graph).half()
+    half = copy.deepcopy(graph).half().cuda()
     inputs = episode(make_episode, 5, 1, 3, 32, seed=10)
     with torch.no_grad():
-        scores = half(*(tensor.half() for tensor in inputs))
+        scores = half(*(tensor.half().cuda() for tensor in inputs))
         expected = model(*inputs)
-    assert scores.dtype == torch.float16
-    torch.testing.assert_close(scores.float(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+    assert scores.dtype == torch.float16 and scores.is_cuda
+    torch.testing.assert_close(scores.float().cpu(), expected, rtol=1e-2,
+                               atol=1e-2 * expected.abs().max().item())
 
 
 # -- errors ------------------------------------------------------------------------------

@@ -206,17 +206,23 @@ def test_other_solvers_match_torchdiffeq_with_the_same_fixed_steps(exported, eag
 
 # -- on a GPU (skipped without one) ---------------------------------------------------
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@needs_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("groups,kernel", CONFIGS)
 def test_torchscript_fp32_on_cuda_matches_eager_within_1e_4(exported, eager, groups, kernel):
     checkpoint, (path,) = exported(groups, kernel, "torchscript")
     assert_matches_eager(open_artifact(path, device="cuda"), eager(checkpoint))
 
 
-@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("groups,kernel", [(64, 1), (64, 3)])
+def test_a_cuda_aoti_package_matches_eager_within_1e_4(exported, eager, groups, kernel):
+    checkpoint, (path,) = exported(groups, kernel, "aoti", device="cuda")
+    runner = open_artifact(path, device="cuda")
+    assert runner.info.device == "cuda"
+    assert_matches_eager(runner, eager(checkpoint))
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("groups,kernel", [(64, 1), (64, 3)])
 def test_torchscript_fp16_on_cuda_matches_eager_within_1e_2(exported, eager, groups, kernel):
     checkpoint, (path,) = exported(groups, kernel, "torchscript", precision="fp16")
@@ -231,7 +237,7 @@ def test_torchscript_fp16_on_cuda_matches_eager_within_1e_2(exported, eager, gro
         torch.testing.assert_close(scores.float().cpu(), expected, rtol=1e-2, atol=1e-2)
 
 
-@needs_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("graph", ["episode", "split"])
 def test_cuda_graph_replay_reads_each_calls_inputs(exported, eager, graph):
     checkpoint, paths = exported(64, 1, "torchscript", graph=graph)

@@ -250,26 +250,31 @@ def _bad(make_episode, **changes):
 
 
 @pytest.mark.parametrize("changes,message", [
-    (dict(support_labels=lambda y: y[:-1]), "5 rows but there are 6 support"),
+    (dict(support_labels=lambda y: y[:-1]), "5 rows but support has 6 images"),
     (dict(support_labels=lambda y: y.argmax(1)), "one-hot"),
     (dict(support_labels=lambda y: y[None]), "one-hot"),
     (dict(support_labels=lambda y: y[:, :0]), "one-hot"),
-    (dict(support_labels=lambda y: torch.cat([y, torch.zeros(6, 1)], 1)), "class 3 no support"),
-    (dict(query=lambda q: q[..., :16]), "differ in size"),
-    (dict(query=lambda q: q[0]), r"query must be a \[N, 3, H, W\]"),
-    (dict(support=lambda s: s[:, :1]), r"support must be a \[N, 3, H, W\]"),
+    (dict(support_labels=lambda y: torch.cat([y, torch.zeros(6, 1)], 1)), "class 3 has no support"),
+    (dict(support_labels=lambda y: y * 0.5), "not one-hot: row 0 holds 0.5"),
+    (dict(support_labels=lambda y: y + y.roll(1, 1)), "not one-hot: row 0 sums to 2"),
+    (dict(support=lambda s: s.index_fill(0, torch.tensor([1]), float("nan"))),
+     r"support has NaN or Inf values \(image 1"),
+    (dict(query=lambda q: q[..., :16]), "support is 32×32 but query is 32×16"),
+    (dict(query=lambda q: q[0]), r"query must be \[N, 3, H, W\]"),
+    (dict(support=lambda s: s[:, :1]), "support has 1 channels, expected 3"),
     (dict(query=lambda q: q[:0]), "query is empty"),
     (dict(query=lambda q: q.double()), "differ in dtype"),
     (dict(support=lambda s: s.double(), query=lambda q: q.double()), "model is torch.float32"),
-    (dict(support=lambda s: (s * 100).long(), query=lambda q: (q * 100).long()), "floating point"),
-], ids=["labels-rows", "labels-1d", "labels-3d", "labels-no-classes", "empty-class", "query-size",
+    (dict(support=lambda s: (s * 100).long(), query=lambda q: (q * 100).long()), "floating-point"),
+], ids=["labels-rows", "labels-1d", "labels-3d", "labels-no-classes", "empty-class",
+        "labels-half", "labels-two-classes", "nan-pixel", "query-size",
         "query-3d", "support-channels", "no-query", "mixed-dtype", "model-dtype", "integer-images"])
 def test_bad_episode_is_one_clear_error(changes, message, dmf_model, make_episode):
     with pytest.raises(DMFExportError, match=message):
         dmf_model(64, 1)(**_bad(make_episode, **changes))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_matches_cpu(dmf_model, make_episode, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 means fp32 here
     model = dmf_model(64, 3)

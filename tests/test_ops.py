@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 
-import dmf_export
 from dmf_export import _build
 from dmf_export.errors import DMFExportError
 from dmf_export.ops import build_info, deform_conv2d
@@ -27,10 +26,6 @@ from reference_dcn import deform_conv2d_reference
 
 REPO = Path(__file__).resolve().parent.parent
 KERNELS = source_dir("csrc") / "kernels"
-HAS_CUDA = torch.cuda.is_available() and build_info.with_cuda
-needs_cuda = pytest.mark.skipif(
-    not HAS_CUDA, reason="no CUDA GPU" if build_info.with_cuda else
-    f"op built without CUDA ({build_info.without_cuda_reason})")
 
 
 def _pair(v):
@@ -242,6 +237,76 @@ def test_far_and_nan_offsets_match_onnxruntime():
     assert relative_error(deform_conv2d(x, offset, weight, **args), expected) < 1e-5
 
 
+def onnxruntime_deform_conv_in_zero_border(x, offset, weight, args, border=2):
+    """onnxruntime's DeformConv of `x`, computed on `x` framed by `border` zero pixels with
+    the offsets moved by `border`: every corner outside `x` lands on a zero of the frame
+    (or outside the frame, where onnxruntime 1.32 reads the frame's pixel 0, a zero, with
+    weight 0). So this is the DCNv1 answer even where `x` holds Inf/NaN at its pixel 0,
+    which onnxruntime 1.32 itself multiplies by 0 for every outside corner."""
+    n, c, h, w = x.shape
+    framed = torch.zeros(n, c, h + 2 * border, w + 2 * border, dtype=x.dtype)
+    framed[:, :, border:border + h, border:border + w] = x
+    (sh, sw), (ph, pw), (dh, dw) = args["stride"], args["padding"], args["dilation"]
+    kh, kw = weight.shape[2:]
+    out_h = (h + 2 * border + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
+    out_w = (w + 2 * border + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
+    moved = torch.zeros(n, offset.shape[1], out_h, out_w, dtype=offset.dtype)
+    moved[:, :, :offset.shape[2], :offset.shape[3]] = offset + border
+    out = onnxruntime_deform_conv(framed, moved, weight, args)
+    return out[:, :, :offset.shape[2], :offset.shape[3]]
+
+
+NON_FINITE_PIXELS = {  # (value, pixels (y, x) set to it in every image and channel)
+    "inf_at_pixel_0": (float("inf"), [(0, 0)]),
+    "nan_at_pixel_0": (float("nan"), [(0, 0)]),
+    "minus_inf_at_pixel_0_and_inside": (float("-inf"), [(0, 0), (3, 4)]),
+    "nan_at_the_border": (float("nan"), [(0, 0), (6, 6), (0, 5)]),
+}
+
+
+def non_finite_case(value, pixels, **config):
+    x, offset, weight, args = make_case(**config, offset_scale=3.0, dtype=torch.float32)
+    for y, x_ in pixels:
+        x[:, :, y, x_] = value
+    offset.view(-1)[::13] = 40.0  # whole samples outside the image
+    return x, offset, weight, args
+
+
+@pytest.mark.parametrize("value,pixels", NON_FINITE_PIXELS.values(), ids=NON_FINITE_PIXELS.keys())
+def test_non_finite_pixels_stay_where_dcnv1_reads_them(value, pixels):
+    # a corner outside the image is 0, whatever pixel 0 holds: the pixel leaks only into the
+    # samples whose bilinear support contains it
+    x, offset, weight, args = non_finite_case(value, pixels, c=4, o=3, offset_groups=2)
+    out = deform_conv2d(x, offset, weight, **args)
+    expected = onnxruntime_deform_conv_in_zero_border(x, offset, weight, args)
+    assert 0.2 < expected.isfinite().float().mean() < 0.95  # both kinds of outputs occur
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(out.double(), reference(x, offset, weight, args),
+                               rtol=1e-5, atol=1e-5, equal_nan=True)
+    # onnxruntime on the unframed image: finite only where no sample touches pixel 0
+    # (1.32 weights it 0 and multiplies); wherever it is finite, so are we, equal
+    direct = onnxruntime_deform_conv(x, offset, weight, args)
+    finite = direct.isfinite()
+    assert out[finite].isfinite().all()
+    torch.testing.assert_close(out[finite], direct[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_inf_at_pixel_0_by_hand():
+    # 1x1 kernel, weight 1 on a 2x2 image whose pixel 0 is Inf: a sample at (0.5, 1.5) has
+    # its right corners outside (0) and its left ones I[0,1], I[1,1] inside, a quarter each
+    image = torch.tensor([[float("inf"), 2.0], [4.0, 8.0]], dtype=torch.float64)
+    offset = torch.zeros(1, 2, 2, 2, dtype=torch.float64)
+    offset[0, 0, 0, 1], offset[0, 1, 0, 1] = 0.5, 0.5   # (0, 1) -> (0.5, 1.5)
+    offset[0, 0, 1, 1], offset[0, 1, 1, 1] = 5.0, 0.0   # (1, 1) -> (6, 1): outside, 0
+    offset[0, 0, 1, 0], offset[0, 1, 1, 0] = -0.5, 0.0  # (1, 0) -> (0.5, 0): reads the Inf
+    out = deform_conv2d(image.view(1, 1, 2, 2), offset,
+                        torch.ones(1, 1, 1, 1, dtype=torch.float64)).view(2, 2)
+    assert out[0, 0] == float("inf")                    # the Inf pixel itself
+    assert out[0, 1] == 0.25 * 2.0 + 0.25 * 8.0
+    assert out[1, 1] == 0.0
+    assert out[1, 0] == float("inf")
+
+
 # --- errors ----------------------------------------------------------------------------
 
 def _bad(**changes):
@@ -292,11 +357,14 @@ def test_backward_raises_forward_only_error():
 
 @pytest.mark.skipif(build_info.with_cuda, reason="only a CPU-only build lacks the CUDA kernel")
 def test_cpu_only_build_names_why_cuda_is_missing():
-    # A CPU-only torch cannot make CUDA tensors, so call the kernel registered for CUDA.
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("dmf::deform_conv2d", "CUDA")
+    # A CPU-only torch cannot make CUDA tensors: dispatch the op through its CUDA key (what
+    # a CUDA tensor would reach) to show that the key holds the explaining kernel.
     x, offset, weight, args = make_case()
+    cuda_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
     with pytest.raises(DMFExportError, match=r"built without CUDA \(.+\)"):
-        dmf_export.ops._deform_conv2d_missing_cuda(x, offset, weight, *args.values())
+        torch.ops.dmf.deform_conv2d.default.redispatch(
+            cuda_only, x, offset, weight, *(list(args[k]) for k in ("stride", "padding", "dilation")),
+            args["groups"], args["offset_groups"])
 
 
 # --- PyTorch integration ---------------------------------------------------------------
@@ -422,7 +490,7 @@ def test_broadcast_input_across_uneven_chunks(monkeypatch):
 
 # --- CUDA ------------------------------------------------------------------------------
 
-@needs_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 def test_cuda_float64_matches_reference(config):
     x, offset, weight, args = make_case(**config)
@@ -431,7 +499,7 @@ def test_cuda_float64_matches_reference(config):
     assert relative_error(out, reference(x, offset, weight, args)) < 1e-12
 
 
-@needs_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("out_channels", [16, 64 * 9, 70], ids=["16", "64x9", "70"])
 def test_cuda_float32_matches_cpu_op(out_channels):
     x, offset, weight, args = make_case(n=6, c=64, h=11, w=11, o=out_channels,
@@ -444,7 +512,7 @@ def test_cuda_float32_matches_cpu_op(out_channels):
     assert relative_error(out, reference(x, offset, weight, args)) < 1e-5
 
 
-@needs_cuda
+@pytest.mark.cuda
 def test_cuda_float16_matches_cpu_op():
     x, offset, weight, args = make_case(n=6, c=64, h=11, w=11, o=64 * 9, dtype=torch.float16)
     expected = deform_conv2d(x.float(), offset.float(), weight.float(), **args)
@@ -453,7 +521,7 @@ def test_cuda_float16_matches_cpu_op():
     assert relative_error(out, expected) < 1e-2
 
 
-@needs_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("config", BROADCAST_CONFIGS.values(), ids=BROADCAST_CONFIGS.keys())
 def test_cuda_broadcast_input_matches_reference(config):
     images, samples, case = config
@@ -462,7 +530,7 @@ def test_cuda_broadcast_input_matches_reference(config):
     assert relative_error(out, reference(per_sample, offset, weight, args)) < 1e-12
 
 
-@needs_cuda
+@pytest.mark.cuda
 def test_cuda_empty_batch_and_non_contiguous():
     x, offset, weight, args = make_case(n=0, dtype=torch.float32)
     assert deform_conv2d(x.cuda(), offset.cuda(), weight.cuda(), **args).shape == (0, 5, 7, 7)
@@ -600,6 +668,17 @@ def test_cuda_kernel_source_under_cpu_emulation_matches_reference(emulated_cuda_
     assert status == 0
     tolerance = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3}[dtype]
     assert relative_error(output, reference(x, offset, weight, args)) < tolerance
+
+
+@pytest.mark.parametrize("value,pixels", NON_FINITE_PIXELS.values(), ids=NON_FINITE_PIXELS.keys())
+def test_cuda_kernel_source_under_cpu_emulation_keeps_non_finite_pixels_local(
+        emulated_cuda_kernel, value, pixels):
+    x, offset, weight, args = non_finite_case(value, pixels, n=2, c=20, o=70, offset_groups=2)
+    output = torch.zeros(2, 70, 7, 7)
+    assert run_emulated(emulated_cuda_kernel, x, offset, weight, output, args, input_batch=0) == 0
+    expected = reference(x, offset, weight, args)
+    assert 0.2 < expected.isfinite().double().mean() < 0.95
+    torch.testing.assert_close(output.double(), expected, rtol=1e-5, atol=1e-4, equal_nan=True)
 
 
 def run_emulated(kernel, x, offset, weight, output, args, input_batch):

@@ -17,8 +17,10 @@ void sample_channel_run(const scalar_t* __restrict image, int64_t channels,
     std::fill(out, out + count, scalar_t(0));
     return;
   }
-  for (int64_t c = 0; c < count; ++c) {
-    out[c] = bilinear_sample(image + c, channels, corners);
+  if (every_corner_inside(corners)) {
+    for (int64_t c = 0; c < count; ++c) out[c] = bilinear_sample<true>(image + c, channels, corners);
+  } else {  // at the border: select the corners inside
+    for (int64_t c = 0; c < count; ++c) out[c] = bilinear_sample(image + c, channels, corners);
   }
 }
 

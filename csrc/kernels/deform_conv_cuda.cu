@@ -107,13 +107,8 @@ __global__ void __launch_bounds__(kThreads)
         corners = deform_tap_corners<acc_t>(s, sample_oy, sample_ox, tap / s.kernel_w,
                                             tap % s.kernel_w, acc_t(widen(dy[0])),
                                             acc_t(widen(dy[image_positions])));
-      } else {  // past the last position: weight 0, reads pixel 0 of sample 0
-        corners.valid = false;
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          corners.pixel[k] = 0;
-          corners.weight[k] = acc_t(0);
-        }
+      } else {  // past the last position: no corner used (reads pixel 0 of sample 0)
+        clear_corners(corners);
       }
       for (int64_t c0 = c_run; c0 < c_run_end; c0 += kTileDepth) {
         __syncthreads();  // the previous tiles are consumed

@@ -26,8 +26,20 @@ template <typename acc_t>
 struct BilinearCorners {
   int32_t pixel[4];   // y*W + x of corners (y0,x0) (y0,x0+1) (y0+1,x0) (y0+1,x0+1); 0 when unused
   acc_t weight[4];    // 0 for a corner outside the image, all 0 for a sample outside
+  bool inside[4];     // the corner lies in the image (false for every corner of an invalid sample)
   bool valid;         // the sample point lies in (-1, H) x (-1, W)
 };
+
+// Every corner unused: what a sample outside (-1, H) x (-1, W) gives.
+template <typename acc_t>
+DMF_HOST_DEVICE DMF_INLINE void clear_corners(BilinearCorners<acc_t>& c) {
+  c.valid = false;
+  for (int k = 0; k < 4; ++k) {
+    c.pixel[k] = 0;
+    c.weight[k] = acc_t(0);
+    c.inside[k] = false;
+  }
+}
 
 DMF_HOST_DEVICE DMF_INLINE float floor_of(float v) {
 #if defined(__CUDA_ARCH__)
@@ -60,10 +72,7 @@ DMF_HOST_DEVICE DMF_INLINE BilinearCorners<acc_t> bilinear_corners(acc_t py, acc
   // negated conjunction so that NaN coordinates (every comparison false) also give 0.
   c.valid = py > acc_t(-1) && px > acc_t(-1) && py < acc_t(height) && px < acc_t(width);
   if (!c.valid) {
-    for (int k = 0; k < 4; ++k) {
-      c.pixel[k] = 0;
-      c.weight[k] = acc_t(0);
-    }
+    clear_corners(c);
     return c;
   }
   const acc_t y0f = floor_of(py);
@@ -82,6 +91,7 @@ DMF_HOST_DEVICE DMF_INLINE BilinearCorners<acc_t> bilinear_corners(acc_t py, acc
   for (int k = 0; k < 4; ++k) {
     c.pixel[k] = inside[k] ? pixels[k] : 0;
     c.weight[k] = inside[k] ? weights[k] : acc_t(0);
+    c.inside[k] = inside[k];
   }
   return c;
 }
@@ -95,16 +105,27 @@ DMF_HOST_DEVICE DMF_INLINE BilinearCorners<acc_t> deform_tap_corners(
   return bilinear_corners(py, px, static_cast<int32_t>(s.height), static_cast<int32_t>(s.width));
 }
 
+// Whether all four corners of a sample lie in the image (the common case, where
+// bilinear_sample needs no select).
+template <typename acc_t>
+DMF_HOST_DEVICE DMF_INLINE bool every_corner_inside(const BilinearCorners<acc_t>& c) {
+  return c.inside[0] && c.inside[1] && c.inside[2] && c.inside[3];
+}
+
 // The sample of one channel: `image` points at the channel's value of pixel 0, and
 // consecutive pixels are `pixel_stride` elements apart (1 for NCHW, C for NHWC).
-// Corners with weight 0 read pixel 0 (always in bounds) and contribute 0.
-template <typename acc_t, typename scalar_t>
+// An unused corner reads pixel 0 (always in bounds) and is dropped by a select, not by
+// its weight 0: pixel 0 may be Inf or NaN, and 0 * Inf is NaN where DCNv1 says 0.
+// kEveryCornerInside: the caller has checked every_corner_inside (skips the selects).
+template <bool kEveryCornerInside = false, typename acc_t, typename scalar_t>
 DMF_HOST_DEVICE DMF_INLINE acc_t bilinear_sample(const scalar_t* image, int64_t pixel_stride,
                                                  const BilinearCorners<acc_t>& c) {
-  return c.weight[0] * static_cast<acc_t>(widen(image[c.pixel[0] * pixel_stride])) +
-         c.weight[1] * static_cast<acc_t>(widen(image[c.pixel[1] * pixel_stride])) +
-         c.weight[2] * static_cast<acc_t>(widen(image[c.pixel[2] * pixel_stride])) +
-         c.weight[3] * static_cast<acc_t>(widen(image[c.pixel[3] * pixel_stride]));
+  acc_t term[4];
+  for (int k = 0; k < 4; ++k) {
+    term[k] = c.weight[k] * static_cast<acc_t>(widen(image[c.pixel[k] * pixel_stride]));
+    if (!kEveryCornerInside) term[k] = c.inside[k] ? term[k] : acc_t(0);
+  }
+  return term[0] + term[1] + term[2] + term[3];
 }
 
 }  // namespace dmf
