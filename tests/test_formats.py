@@ -256,3 +256,53 @@ class _Options:
     precision = "fp32"
     graph = "episode"
     onnx_flavor = "standard"
+
+
+# -- episodes the original would turn into garbage, at every runner ------------------------
+
+def _bad_episodes():
+    import torch
+
+    from dmf_export.contract import EpisodeSize, make_episode
+
+    support, labels, query = make_episode(EpisodeSize(3, 1, 2), 32, seed=1)
+    nan = query.clone()
+    nan[1, 0, 3, 3] = float("nan")
+    no_class = torch.tensor([[1.0, 0, 0], [0, 1, 0], [1, 0, 0]])  # nobody is class 2
+    return {
+        "labels not one-hot": ((support, labels * 2, query), "not one-hot"),
+        "a class with no support image": ((support, no_class, query), "class 2 has no support image"),
+        "S != label rows": ((support[:2], labels, query), "has 3 rows but support has 2 images"),
+        "NaN pixels": ((support, labels, nan), "query has NaN or Inf"),
+        "wrong image size": ((support[:, :, :16, :16], labels, query[:, :, :16, :16]), "expected 32×32"),
+        "wrong channel count": ((support[:, :1], labels, query[:, :1]), "1 channels, expected 3"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_episodes()))
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx", "aoti"])
+def test_every_runner_refuses_a_garbage_episode_in_one_line(exported, fmt, case):
+    if formats.get(fmt).unavailable():
+        pytest.skip(formats.get(fmt).unavailable())
+    _, (path,) = exported(64, 1, fmt)
+    episode, needle = _bad_episodes()[case]
+    with pytest.raises(DMFExportError, match=needle) as caught:
+        formats.open_artifact(path)(*episode)
+    assert "\n" not in str(caught.value)
+
+
+def test_fp16_inputs_to_an_fp32_artifact_give_the_fp32_scores(exported, eager):
+    """A documented choice: inputs of any floating type are cast to the artifact's (fp16 to
+    fp32 is exact), so the scores are those of the fp16 values in fp32."""
+    import torch
+
+    from dmf_export.contract import EpisodeSize, make_episode
+
+    checkpoint, (path,) = exported(64, 1, "onnx")
+    support, labels, query = make_episode(EpisodeSize(3, 1, 2), 32, seed=2)
+    half = [t.half() for t in (support, labels, query)]
+    with torch.inference_mode():
+        expected = eager(checkpoint)(*(t.float() for t in half))
+    scores = formats.open_artifact(path)(*half)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
