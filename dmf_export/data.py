@@ -83,7 +83,7 @@ class Preprocessing:
             # torchvision's CenterCrop: offsets int(round((size - crop) / 2))
             top, left = int(round((height - self.crop) / 2.0)), int(round((width - self.crop) / 2.0))
             image = image.crop((left, top, left + self.crop, top + self.crop))
-        return np.asarray(image, dtype=np.uint8)
+        return np.array(image, dtype=np.uint8)  # a writable copy (torch.from_numpy wants one)
 
     def normalise(self, pixels: np.ndarray) -> torch.Tensor:
         """uint8 ``[N, H, W, 3]`` → float32 ``[N, 3, H, W]``, as torchvision's ToTensor
