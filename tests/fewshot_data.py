@@ -5,7 +5,9 @@ on a noisy background, so classes differ and images within a class differ too.
 """
 from __future__ import annotations
 
+import os
 import pickle
+import random
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +71,80 @@ def write_pickle(root, split="test", classes=12, images=25, size=84, first_label
     with open(root / PICKLE_NAMES[split], "wb") as handle:
         pickle.dump(content, handle, protocol=2)
     return root
+
+
+# -- the original's dataset index, sampler, transform and figures, as its source writes them
+
+def original_folder_index(split_dir):
+    """tieredImageNet._process_dir: sorted classes, sorted files containing '.jpg'."""
+    cat_container = sorted(os.listdir(split_dir))
+    cats2label = {cat: label for label, cat in enumerate(cat_container)}
+    dataset, labels = [], []
+    for cat in cat_container:
+        for img_path in sorted(os.listdir(os.path.join(split_dir, cat))):
+            if '.jpg' not in img_path:
+                continue
+            dataset.append((os.path.join(split_dir, cat, img_path), cats2label[cat]))
+            labels.append(cats2label[cat])
+    labels2inds = {}
+    for idx, label in enumerate(labels):
+        labels2inds.setdefault(label, []).append(idx)
+    return dataset, labels2inds, sorted(labels2inds.keys()), cat_container
+
+
+def original_pickle_index(labels):
+    """miniImageNet_load.buildLabelIndex and its sorted labelIds."""
+    label2inds = {}
+    for idx, label in enumerate(labels):
+        if label not in label2inds:
+            label2inds[label] = []
+        label2inds[label].append(idx)
+    return label2inds, sorted(label2inds.keys())
+
+
+def original_episodes(labels2inds, labelIds, nKnovel, nExemplars, nTestNovel, epoch_size, seed=112):
+    """FewShotDataset_test.__init__ + _sample_episode, with the module-level random."""
+    random.seed(seed)
+    episodes = []
+    for _ in range(epoch_size):
+        Knovel = random.sample(labelIds, nKnovel)
+        nEvalExamplesPerClass = int(nTestNovel / len(Knovel))
+        Tnovel, Exemplars = [], []
+        for Knovel_idx in range(len(Knovel)):
+            img_ids = random.sample(labels2inds[Knovel[Knovel_idx]], nEvalExamplesPerClass + nExemplars)
+            Tnovel += [(img_id, Knovel_idx) for img_id in img_ids[:nEvalExamplesPerClass]]
+            Exemplars += [(img_id, Knovel_idx) for img_id in img_ids[nEvalExamplesPerClass:]]
+        random.shuffle(Exemplars)
+        random.shuffle(Tnovel)
+        episodes.append((Knovel, Tnovel, Exemplars))
+    return episodes
+
+
+def original_transform(image, cifar=False):
+    """The test transform of the original's DataManager on a PIL image (a pickled array
+    goes in through Image.fromarray): Resize((92, 92)) + CenterCrop(84) for image files
+    unless CIFAR-FS, then ToTensor + Normalize; float64 [3, H, W]."""
+    mean, std = ((0.507, 0.487, 0.441), (0.267, 0.256, 0.276)) if cifar else \
+        ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+    return (pixels.transpose(2, 0, 1) - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
+
+
+def original_file_transform(path, cifar=False):
+    image = Image.open(path).convert("RGB")
+    if not cifar:
+        image = image.resize((92, 92), Image.BILINEAR).crop((4, 4, 88, 88))
+    return original_transform(image, cifar)
+
+
+def original_figures(correct, queries):
+    """test.py: an AverageMeter of float32 episode accuracies, and
+    ci95 = 1.96 * np.std(accuracies) / np.sqrt(epoch_size) over float32 accuracies."""
+    total, count, accuracies = 0.0, 0, []
+    for right in correct:
+        acc = float(np.float32(right) / np.float32(queries))
+        total += acc * queries
+        count += queries
+        accuracies.append(np.float32(right) / np.float32(queries))
+    stds = np.std(np.array(accuracies, dtype=np.float32), 0)
+    return total / count, 1.96 * float(stds) / np.sqrt(len(correct))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import random
 import struct
 from pathlib import Path
 
@@ -19,57 +18,11 @@ from PIL import Image
 
 from dmf_export import data
 from dmf_export.errors import DMFExportError
-from fewshot_data import PICKLE_NAMES, write_folders, write_pickle
+from fewshot_data import (PICKLE_NAMES, original_episodes, original_folder_index, original_pickle_index,
+                          write_folders, write_pickle)
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-
-
-# -- the original's dataset index and sampler, as its source writes them -----------------
-
-def original_folder_index(split_dir):
-    """tieredImageNet._process_dir: sorted classes, sorted files containing '.jpg'."""
-    cat_container = sorted(os.listdir(split_dir))
-    cats2label = {cat: label for label, cat in enumerate(cat_container)}
-    dataset, labels = [], []
-    for cat in cat_container:
-        for img_path in sorted(os.listdir(os.path.join(split_dir, cat))):
-            if '.jpg' not in img_path:
-                continue
-            dataset.append((os.path.join(split_dir, cat, img_path), cats2label[cat]))
-            labels.append(cats2label[cat])
-    labels2inds = {}
-    for idx, label in enumerate(labels):
-        labels2inds.setdefault(label, []).append(idx)
-    return dataset, labels2inds, sorted(labels2inds.keys()), cat_container
-
-
-def original_pickle_index(labels):
-    """miniImageNet_load.buildLabelIndex and its sorted labelIds."""
-    label2inds = {}
-    for idx, label in enumerate(labels):
-        if label not in label2inds:
-            label2inds[label] = []
-        label2inds[label].append(idx)
-    return label2inds, sorted(label2inds.keys())
-
-
-def original_episodes(labels2inds, labelIds, nKnovel, nExemplars, nTestNovel, epoch_size, seed=112):
-    """FewShotDataset_test.__init__ + _sample_episode, with the module-level random."""
-    random.seed(seed)
-    episodes = []
-    for _ in range(epoch_size):
-        Knovel = random.sample(labelIds, nKnovel)
-        nEvalExamplesPerClass = int(nTestNovel / len(Knovel))
-        Tnovel, Exemplars = [], []
-        for Knovel_idx in range(len(Knovel)):
-            img_ids = random.sample(labels2inds[Knovel[Knovel_idx]], nEvalExamplesPerClass + nExemplars)
-            Tnovel += [(img_id, Knovel_idx) for img_id in img_ids[:nEvalExamplesPerClass]]
-            Exemplars += [(img_id, Knovel_idx) for img_id in img_ids[nEvalExamplesPerClass:]]
-        random.shuffle(Exemplars)
-        random.shuffle(Tnovel)
-        episodes.append((Knovel, Tnovel, Exemplars))
-    return episodes
 
 
 @pytest.fixture(scope="module")
