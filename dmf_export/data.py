@@ -218,7 +218,8 @@ class Split:
         raise NotImplementedError
 
     def describe_class(self, class_id) -> str:
-        return self.class_names.get(class_id, str(class_id))
+        """The class, named so that a user finds it (in messages)."""
+        raise NotImplementedError
 
 
 class PickleSplit(Split):
@@ -261,7 +262,7 @@ class PickleSplit(Split):
 
     def describe_class(self, class_id) -> str:
         name = self.class_names.get(class_id)
-        return f"class {class_id}" + (f" ({name})" if name else "")
+        return f"class {class_id}" + (f" ({name})" if name else "") + f" of {self.where}"
 
 
 class FolderSplit(Split):
@@ -362,7 +363,7 @@ def check_episode_size(split: Split, way: int, shot: int, queries_per_class: int
         count = len(split.images_of[class_id])
         if count < needed:
             raise DMFExportError(
-                f"{split.describe_class(class_id)} in {split.where} has {count} image"
+                f"{split.describe_class(class_id)} has {count} image"
                 f"{'s' if count != 1 else ''}; {shot}-shot episodes with {queries_per_class} "
                 f"queries per class need {needed}")
 

@@ -65,7 +65,12 @@ class EagerRunner:
 
     @torch.inference_mode()
     def __call__(self, support, support_labels, query):
-        return self.model(*(t.to(self.device) for t in (support, support_labels, query)))
+        # PyTorch 1.4, which test.py ran on, had no TF32: keep a GPU's convolutions IEEE fp32
+        from dmf_export.runtime import _ExactFloat32
+
+        args = [t.to(self.device) for t in (support, support_labels, query)]
+        with _ExactFloat32() if self.device.type == "cuda" else contextlib.nullcontext():
+            return self.model(*args)
 
 
 def open_model(path, *, provider: str = "cpu", device: str = "cpu", threads: int | None = None):
@@ -276,7 +281,7 @@ def evaluate(paths: Sequence, data_root, *, split: str = "test", layout: str | N
                 predicted = scores.argmax(1)
                 result.predictions.append(predicted.tolist())
                 result.correct.append(int((predicted == tensors.query_labels).sum()))
-            bar.set_postfix_str(f"{results[0].accuracy:.2%}", refresh=False)
+            bar.set_postfix_str(f"accuracy {results[0].accuracy:.2%}", refresh=False)
             bar.update()
     evaluation.wall_seconds = time.perf_counter() - start
     return evaluation
