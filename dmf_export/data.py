@@ -253,16 +253,19 @@ class PickleSplit(Split):
         super().__init__(str(path), class_ids, images_of, class_names)
         self.data = data
 
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return int(self.data.shape[1]), int(self.data.shape[2])
-
     def pixels(self, indices, preprocessing):
         return self.data[np.asarray(indices, dtype=np.int64)]
 
     def describe_class(self, class_id) -> str:
         name = self.class_names.get(class_id)
         return f"class {class_id}" + (f" ({name})" if name else "") + f" of {self.where}"
+
+
+def _sorted_entries(folder: Path, keep: Callable[[os.DirEntry], bool]) -> list[str]:
+    """Names in ``folder`` that ``keep`` admits, sorted as the original's
+    ``sorted(os.listdir(...))`` (scandir: no stat per file on 200k-image splits)."""
+    with os.scandir(folder) as entries:
+        return sorted(entry.name for entry in entries if keep(entry))
 
 
 class FolderSplit(Split):
@@ -272,12 +275,9 @@ class FolderSplit(Split):
         self.paths: list[Path] = []
         images_of: dict = {}
         class_names: dict = {}
-        for name in sorted(os.listdir(folder)):
+        for name in _sorted_entries(folder, lambda entry: entry.is_dir()):
             class_folder = folder / name
-            if not class_folder.is_dir():
-                continue
-            files = [f for f in sorted(os.listdir(class_folder))
-                     if admit(f) and (class_folder / f).is_file()]
+            files = _sorted_entries(class_folder, lambda entry: admit(entry.name) and entry.is_file())
             if not files:
                 continue  # the original's labelIds leave out a class without images
             class_names[name] = name
@@ -462,12 +462,10 @@ def support_folders(folder) -> list[tuple[str, list[Path]]]:
     if not folder.is_dir():
         raise DMFExportError(f"{folder}: no such folder (expected DIR/<class>/<images>)")
     classes = []
-    for name in sorted(os.listdir(folder)):
+    for name in _sorted_entries(folder, lambda entry: entry.is_dir()):
         class_folder = folder / name
-        if not class_folder.is_dir():
-            continue
-        files = [class_folder / f for f in sorted(os.listdir(class_folder))
-                 if admits_image(f) and (class_folder / f).is_file()]
+        files = [class_folder / f for f in
+                 _sorted_entries(class_folder, lambda entry: admits_image(entry.name) and entry.is_file())]
         if not files:
             raise DMFExportError(f"{class_folder}: no images in this class folder")
         classes.append((name, files))
