@@ -9,11 +9,9 @@ from __future__ import annotations
 import os
 import pickle
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from dmf_export import data
