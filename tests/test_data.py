@@ -16,8 +16,8 @@ from PIL import Image
 
 from dmf_export import data
 from dmf_export.errors import DMFExportError
-from fewshot_data import (PICKLE_NAMES, original_episodes, original_folder_index, original_pickle_index,
-                          write_folders, write_pickle)
+from fewshot_data import (PICKLE_NAMES, original_episodes, original_file_transform, original_folder_index,
+                          original_pickle_index, write_folders, write_pickle)
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -78,6 +78,17 @@ def test_episode_tensors_follow_the_drawn_indices_and_labels(pickle_root):
     assert tensors.support_labels.tolist() == [[float(k == label) for k in range(3)]
                                                for _, label in episode.support]
     assert tensors.query_labels.tolist() == [label for _, label in episode.query]
+
+
+def test_folder_episode_tensors_are_the_originals_transform_of_the_drawn_files(folder_root):
+    split = data.open_split(folder_root, "test")
+    dataset, labels2inds, label_ids, _ = original_folder_index(folder_root / "test")
+    _, query, support = original_episodes(labels2inds, label_ids, 4, 2, 4, 1)[0]
+    tensors = next(data.iterate_episodes(split, data.sample_episodes(split, 1, 4, 2, 1),
+                                         data.preprocessing_for()))
+    for images, pairs in ((tensors.support, support), (tensors.query, query)):
+        expected = np.stack([original_file_transform(dataset[index][0]) for index, _ in pairs])
+        np.testing.assert_allclose(images.numpy(), expected, atol=1e-6)
 
 
 def test_all_images_admits_other_suffixes(folder_root):
