@@ -189,6 +189,16 @@ def test_predict_csv_has_a_row_per_query(models, support_and_queries):
     assert len(rows) == 5 and all(row[1] in ("circle_red", "cross_blue", "square_green") for row in rows[1:])
 
 
+def test_predict_text_names_each_query_and_its_class(models, support_and_queries):
+    support_dir, queries = support_and_queries
+    _, json_output = run_cli("predict", models["onnx"], *queries, "--support", support_dir, "--cifar", "--json")
+    code, output = run_cli("predict", models["onnx"], *queries, "--support", support_dir, "--cifar")
+    assert code == 0, output
+    lines = output.splitlines()[1:]
+    expected = [(p["query"], p["class"]) for p in json.loads(json_output)["predictions"]]
+    assert [tuple(line.split()[:2]) for line in lines] == expected
+
+
 # -- which paths are what ---------------------------------------------------------------
 
 def test_a_pt_file_is_a_checkpoint_or_torchscript_by_its_content(models, tmp_path):
