@@ -349,3 +349,122 @@ def build_plugin(tensorrt_root, out_dir):
     from dmf_export.plugin_build import build_plugin as build
 
     click.echo(str(build(tensorrt_root, out_dir, log=_log)))
+
+
+# -- evaluate and predict: accuracy on a dataset, answers for image files ---------------
+
+def _runner_options(fn):
+    fn = click.option("--threads", type=click.IntRange(min=1),
+                      help="CPU threads for torch and onnxruntime.")(fn)
+    fn = click.option("--device", default="cpu", show_default=True,
+                      help="torch device for checkpoints and TorchScript artifacts (cpu, cuda, cuda:1).")(fn)
+    fn = click.option("--provider", default="cpu", show_default=True,
+                      type=click.Choice(["cpu", "cuda", "tensorrt"]),
+                      help="onnxruntime execution provider (ONNX artifacts).")(fn)
+    fn = click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1),
+                      help="Threads decoding and preprocessing images.")(fn)
+    fn = click.option("--cifar", is_flag=True,
+                      help="CIFAR-FS's test transform: its mean/std, and no resize or crop.")(fn)
+    return fn
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--data", "data_root", required=True, type=click.Path(file_okay=False),
+              help="Dataset root: the miniImageNet pickles, or {train,val,test}/<class>/<image>.")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]),
+              help="Which split (the original's test.py evaluates val unless --phase test).")
+@click.option("--episodes", default=2000, show_default=True, type=click.IntRange(min=1))
+@click.option("--way", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--shot", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--queries-per-class", default=15, show_default=True, type=click.IntRange(min=1))
+@click.option("--layout", type=click.Choice(["pickle", "folders"]),
+              help="Dataset layout (default: detected).")
+@click.option("--seed", default=112, show_default=True, type=int,
+              help="Seed of the episode sampler (112: the original's).")
+@click.option("--all-images", is_flag=True,
+              help="Image folders: read every image file, not only names containing '.jpg' "
+                   "(the original's rule; changes the episodes where other files exist).")
+@_runner_options
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar (default: when stderr is a terminal).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON report with per-episode figures.")
+def evaluate(models, data_root, split, episodes, way, shot, queries_per_class, layout, seed,
+             all_images, cifar, workers, provider, device, threads, progress, as_json):
+    """The original's test protocol on each of MODELS (checkpoints run eagerly, or any
+    artifact): prints test.py's `Accuracy: …%, ci95: …%` for each.
+
+    \b
+    Episodes are drawn as the original draws them (Python's random seeded 112). Given
+    several models, every one sees the same episodes, and each is compared with the first.
+    Examples:
+      dmf-export evaluate 1shot.pth.tar --data miniImageNet_pickle
+      dmf-export evaluate 5shot.pth.tar 5shot.onnx --data tiered_imagenet --shot 5 --threads 8
+    """
+    from dmf_export.evaluate import evaluate as run_evaluate
+
+    report = run_evaluate(models, data_root, split=split, layout=layout, episodes=episodes, way=way,
+                          shot=shot, queries_per_class=queries_per_class, seed=seed, cifar=cifar,
+                          all_images=all_images, provider=provider, device=device, threads=threads,
+                          workers=workers, progress=progress, log=(lambda _: None) if as_json else _log)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    width = max(len(r.path) for r in report.models)
+    backend_width = max(len(r.backend) for r in report.models) + 2
+    for result in report.models:
+        prefix = (f"{result.path:<{width}}  {'(' + result.backend + ')':<{backend_width}}  "
+                  if len(report.models) > 1 else "")
+        click.echo(prefix + result.line())
+    for agreement in report.agreements():
+        where = (f" (episode {agreement.largest_episode})"
+                 if agreement.largest_episode is not None else "")
+        click.echo(f"{agreement.model} vs {agreement.reference}: predictions identical in "
+                   f"{agreement.episodes_identical}/{report.episodes} episodes "
+                   f"({agreement.queries_identical}/{agreement.queries} queries); accuracy "
+                   f"differs by {100 * agreement.accuracy_difference:.2f} points overall, at most "
+                   f"{100 * agreement.largest_episode_difference:.2f} in an episode{where}")
+    run = report.wall_seconds - report.setup_seconds
+    _log(f"{report.episodes} episodes in {run:.1f} s ({report.episodes / run:.2f} episodes/s; "
+         f"setup {report.setup_seconds:.1f} s); decoding and preprocessing "
+         f"{report.data_seconds / run:.1%} of that, waited for {report.data_wait_seconds / run:.1%}")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(dir_okay=False))
+@click.argument("queries", nargs=-1, required=True, type=click.Path())
+@click.option("--support", "support_dir", required=True, type=click.Path(file_okay=False),
+              help="Support folder: DIR/<class>/<images>, any number of images per class.")
+@_runner_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV: query, class, a score per class.")
+def predict(artifact, queries, support_dir, cifar, workers, provider, device, threads, as_json, as_csv):
+    """Classify each of QUERIES (image files, or folders of them) against the classes of
+    the support folder, with ARTIFACT (a checkpoint or any artifact).
+
+    \b
+    Images go through the image-folder preprocessing (Resize 92, CenterCrop 84, ImageNet
+    mean/std; --cifar: CIFAR-FS's). A class's prototype is the mean of its images' features.
+    Example:
+      dmf-export predict dmf.onnx --support my_classes/ photos/ extra.jpg --csv
+    """
+    import csv
+
+    from dmf_export.evaluate import predict as run_predict
+
+    if as_json and as_csv:
+        raise click.UsageError("choose one of --json and --csv")
+    result = run_predict(artifact, support_dir, queries, cifar=cifar, provider=provider,
+                         device=device, threads=threads, workers=workers)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    rows = result.rows()
+    if as_csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerows(rows)
+        return
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) if i < 2 else cell.rjust(width)
+                             for i, (cell, width) in enumerate(zip(row, widths))).rstrip())
