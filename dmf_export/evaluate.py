@@ -57,7 +57,7 @@ class EagerRunner:
 
     def __init__(self, path, device: str = "cpu"):
         from dmf_export.checkpoint import load_checkpoint
-        from dmf_export.runtime import check_device
+        from dmf_export.formats._torch import check_device
 
         check_device(device)
         self.device = torch.device(device)
@@ -66,10 +66,10 @@ class EagerRunner:
     @torch.inference_mode()
     def __call__(self, support, support_labels, query):
         # PyTorch 1.4, which test.py ran on, had no TF32: keep a GPU's convolutions IEEE fp32
-        from dmf_export.runtime import _ExactFloat32
+        from dmf_export.formats._torch import ExactFloat32
 
         args = [t.to(self.device) for t in (support, support_labels, query)]
-        with _ExactFloat32() if self.device.type == "cuda" else contextlib.nullcontext():
+        with ExactFloat32() if self.device.type == "cuda" else contextlib.nullcontext():
             return self.model(*args)
 
 
@@ -84,7 +84,7 @@ def open_model(path, *, provider: str = "cpu", device: str = "cpu", threads: int
         torch.set_num_threads(threads)
     if is_checkpoint(path):
         return EagerRunner(path, device)
-    from dmf_export.runtime import open_artifact
+    from dmf_export.formats import open_artifact
 
     return open_artifact(path, provider=provider, device=device, threads=threads)
 
