@@ -1,0 +1,258 @@
+"""Triton Inference Server model repositories from the ONNX graphs, and a client runner.
+
+A repository holds, for each graph (the episode, and with ``--graph split`` also the
+encoder and the head), two models over the same ``model.onnx``:
+
+- ``<name>``: Triton's onnxruntime backend (``platform: "onnxruntime_onnx"``), for the
+  stock NGC containers whose onnxruntime runs ``DeformConv`` (≥ 1.25, see README);
+- ``<name>_python``: the python backend running that file with onnxruntime inside the
+  server (``triton_python_model.py``), for servers with an older or no onnxruntime
+  backend (the ``nvidia-pytriton`` wheel ships only the python backend); it also checks
+  each episode against the contract.
+
+``TritonRunner`` is the client side: ``runner(support, support_labels, query)`` →
+``scores``, through ``tritonclient`` (HTTP or gRPC) only.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from dmf_export.contract import (
+    ENCODER_INPUTS, ENCODER_OUTPUTS, EPISODE_INPUTS, EPISODE_OUTPUTS, FEATURE_CHANNELS,
+    HEAD_INPUTS, HEAD_OUTPUTS, ArtifactInfo,
+)
+from dmf_export.errors import DMFExportError, summarize
+
+MODEL_NAMES = {"episode": "dmf", "encoder": "dmf_encoder", "head": "dmf_head"}
+PYTHON_SUFFIX = "_python"
+PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
+_TRITON_TYPE = {"fp32": "TYPE_FP32", "fp16": "TYPE_FP16"}
+_NUMPY_TYPE = {"fp32": np.float32, "fp16": np.float16}
+# the episode bounds the python-backend model enforces unless told otherwise: 20-way,
+# 20-shot, 300 queries is beyond the test protocol (5-way, 1/5-shot, 75 queries)
+DEFAULT_BOUNDS = {"way": 20, "shot": 20, "queries": 300}
+
+
+def tensor_dims(graph: str, image_size: int, features_hw: int) -> dict[str, list[int]]:
+    """Each input's and output's dims for config.pbtxt; -1 where the contract is dynamic."""
+    images = [-1, 3, image_size, image_size]
+    features = [-1, FEATURE_CHANNELS, features_hw, features_hw]
+    if graph == "episode":
+        return {"support": images, "support_labels": [-1, -1], "query": images, "scores": [-1, -1]}
+    if graph == "encoder":
+        return {"images": images, "features": features}
+    return {"support_features": features, "support_labels": [-1, -1],
+            "query_features": features, "scores": [-1, -1]}
+
+
+_IO = {"episode": (EPISODE_INPUTS, EPISODE_OUTPUTS), "encoder": (ENCODER_INPUTS, ENCODER_OUTPUTS),
+       "head": (HEAD_INPUTS, HEAD_OUTPUTS)}
+
+
+def _tensors(names, dims, data_type) -> str:
+    entries = [f'  {{\n    name: "{name}"\n    data_type: {data_type}\n'
+               f'    dims: [ {", ".join(str(d) for d in dims[name])} ]\n  }}' for name in names]
+    return "[\n" + ",\n".join(entries) + "\n]"
+
+
+def _parameters(values: dict[str, object]) -> str:
+    return "".join(f'parameters {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}\n'
+                   for key, value in values.items())
+
+
+def config_text(name: str, graph: str, info: ArtifactInfo, features_hw: int, *,
+                backend: str = "onnxruntime", instances: int = 1, threads: int | None = None,
+                bounds: dict[str, int] | None = None) -> str:
+    """config.pbtxt of one model: ``backend`` 'onnxruntime' (platform onnxruntime_onnx) or
+    'python'. Whole-episode tensors, so ``max_batch_size: 0`` and full shapes."""
+    inputs, outputs = _IO[graph]
+    dims = tensor_dims(graph, info.image_size, features_hw)
+    data_type = _TRITON_TYPE[info.precision]
+    head = (f'name: "{name}"\n' + ('platform: "onnxruntime_onnx"\n' if backend == "onnxruntime"
+                                    else 'backend: "python"\n') + "max_batch_size: 0\n")
+    body = (f"input {_tensors(inputs, dims, data_type)}\n"
+            f"output {_tensors(outputs, dims, data_type)}\n"
+            f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_CPU\n  }}\n]\n")
+    if backend == "onnxruntime":
+        parameters = {"intra_op_thread_count": threads} if threads else {}
+    else:
+        parameters = {"image_size": info.image_size, **{f"max_{k}": v for k, v in (bounds or {}).items()}}
+        if threads:
+            parameters["intra_op_threads"] = threads
+    return head + body + _parameters(parameters)
+
+
+def _features_hw(image_size: int) -> int:
+    from dmf_export.export import feature_size  # the backbone's arithmetic, in one place
+
+    return feature_size(image_size)
+
+
+def _write_model(folder: Path, config: str, onnx_file: Path, python: bool) -> None:
+    version = folder / "1"
+    version.mkdir(parents=True)
+    (folder / "config.pbtxt").write_text(config)
+    shutil.copyfile(onnx_file, version / "model.onnx")
+    if python:
+        shutil.copyfile(PYTHON_MODEL, version / "model.py")
+
+
+@contextlib.contextmanager
+def _atomic_folder(final: Path, force: bool):
+    """Yield a fresh folder beside ``final``; it replaces ``final`` only if the body succeeds."""
+    if final.exists() and not force:
+        raise DMFExportError(f"{final} exists; pass --force to overwrite it")
+    if final.exists() and not final.is_dir():
+        raise DMFExportError(f"{final} exists and is not a folder")
+    parent = final.parent if str(final.parent) else Path(".")
+    if not parent.is_dir():
+        raise DMFExportError(f"cannot write {final}: folder {parent} does not exist")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_repository(repo: Path, graphs: dict[str, Path], *, force: bool = False,
+                     instances: int = 1, threads: int | None = None,
+                     bounds: dict[str, int] | None = None) -> dict[str, Path]:
+    """Write a Triton model repository at ``repo`` from ONNX files ``{graph: path}``
+    (graph 'episode', 'encoder', 'head', as ``export --format onnx`` writes them).
+
+    ``instances`` model instances per model, ``threads`` onnxruntime intra-op threads per
+    instance (None: onnxruntime's default, all cores), ``bounds`` the largest way, shot
+    and queries the python-backend episode model accepts (default ``DEFAULT_BOUNDS``).
+    Atomic: a temporary folder beside ``repo``, renamed onto it. Returns {model name: folder}.
+    """
+    from dmf_export.runtime import read_info
+
+    repo = Path(repo)
+    bounds = {**DEFAULT_BOUNDS, **(bounds or {})}
+    infos = {}
+    for graph, path in graphs.items():
+        if graph not in MODEL_NAMES:
+            raise DMFExportError(f"unknown graph {graph!r}; choose from {', '.join(MODEL_NAMES)}")
+        info = read_info(Path(path))
+        if info.format != "onnx" or info.onnx_flavor == "plugin":
+            raise DMFExportError(f"{path} is not a standard-flavour ONNX graph; Triton's onnxruntime "
+                                 "and python backends run those")
+        if info.graph != graph:
+            raise DMFExportError(f"{path} holds the {info.graph} graph, not the {graph} graph")
+        infos[graph] = info
+    models = {}
+    with _atomic_folder(repo, force) as tmp:
+        for graph, info in infos.items():
+            features_hw = _features_hw(info.image_size)
+            for name, backend in ((MODEL_NAMES[graph], "onnxruntime"),
+                                  (MODEL_NAMES[graph] + PYTHON_SUFFIX, "python")):
+                config = config_text(name, graph, info, features_hw, backend=backend,
+                                     instances=instances, threads=threads, bounds=bounds)
+                _write_model(tmp / name, config, Path(graphs[graph]), python=backend == "python")
+                models[name] = repo / name
+    return models
+
+
+def export_triton(checkpoint: str, opts, log: Callable[[str], None] = lambda _: None) -> list:
+    """``export --format triton -o REPO``: the episode ONNX graph (and with ``--graph split``
+    the encoder and head too) exported into a temporary folder, then written as a
+    repository (see ``write_repository``). Returns one ``Written`` per model file."""
+    from dmf_export.export import Written, export_checkpoint
+
+    if not opts.output:
+        raise DMFExportError("--format triton needs -o REPO (the repository folder to write)")
+    repo = Path(opts.output)
+    if repo.exists() and not opts.force:
+        raise DMFExportError(f"{repo} exists; pass --force to overwrite it")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dmf-triton-") as scratch:
+        graphs = {}
+        for graph in ("episode", "split") if opts.graph == "split" else ("episode",):
+            onnx_opts = dataclasses.replace(opts, format="onnx", onnx_flavor="standard", graph=graph,
+                                            output=str(Path(scratch) / "model"), force=True)
+            for written in export_checkpoint(checkpoint, onnx_opts, log):
+                graphs[written.graph] = written.path
+        log(f"writing Triton repository → {repo}")
+        try:
+            models = write_repository(repo, graphs, force=opts.force)
+        except OSError as err:
+            raise DMFExportError(f"cannot write {repo}: {summarize(err)}") from err
+    seconds = time.perf_counter() - start
+    graph_of = {name: graph for graph, name in MODEL_NAMES.items()}
+    return [Written(folder / "1" / "model.onnx", graph_of[name.removesuffix(PYTHON_SUFFIX)], seconds)
+            for name, folder in models.items()]
+
+
+class TritonRunner:
+    """``runner(support, support_labels, query)`` → ``scores`` from a Triton server.
+
+    ``url_or_server``: 'host:port' (HTTP or gRPC as ``protocol`` says) or a
+    ``dmf_export.serve.TritonServer``. One runner per thread (tritonclient's clients are
+    not meant to be shared across threads).
+    """
+
+    def __init__(self, url_or_server, model: str = MODEL_NAMES["episode"] + PYTHON_SUFFIX,
+                 protocol: str = "http", timeout: float = 60.0, precision: str = "fp32"):
+        if protocol not in ("http", "grpc"):
+            raise DMFExportError(f"unknown protocol {protocol!r}; choose from http, grpc")
+        try:
+            if protocol == "http":
+                import tritonclient.http as client
+            else:
+                import tritonclient.grpc as client
+        except ImportError as err:
+            raise DMFExportError("tritonclient is not installed (pip install 'dmf-export[serve]')") from err
+        url = url_or_server if isinstance(url_or_server, str) else url_or_server.url(protocol)
+        self.protocol, self.model, self.timeout = protocol, model, timeout
+        self._client_module = client
+        self.np_dtype = _NUMPY_TYPE[precision]
+        if protocol == "http":
+            self.client = client.InferenceServerClient(url, connection_timeout=timeout,
+                                                       network_timeout=timeout)
+        else:
+            self.client = client.InferenceServerClient(url)
+
+    def infer(self, inputs: dict[str, np.ndarray], outputs=EPISODE_OUTPUTS) -> list[np.ndarray]:
+        """Send named arrays as one request; the named outputs as arrays (raises
+        tritonclient's InferenceServerException on an error response)."""
+        client = self._client_module
+        requests = []
+        for name, array in inputs.items():
+            tensor = client.InferInput(name, list(array.shape), _datatype(array.dtype))
+            tensor.set_data_from_numpy(array)
+            requests.append(tensor)
+        wanted = [client.InferRequestedOutput(name) for name in outputs]
+        kwargs = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
+        result = self.client.infer(self.model, requests, outputs=wanted, **kwargs)
+        return [result.as_numpy(name) for name in outputs]
+
+    def __call__(self, support, support_labels, query):
+        arrays = {name: t.detach().cpu().numpy().astype(self.np_dtype, copy=False)
+                  for name, t in zip(EPISODE_INPUTS, (support, support_labels, query))}
+        return torch.from_numpy(self.infer(arrays)[0].copy())
+
+    def close(self):
+        self.client.close()
+
+
+def _datatype(dtype) -> str:
+    from tritonclient.utils import np_to_triton_dtype
+
+    return np_to_triton_dtype(np.dtype(dtype))
