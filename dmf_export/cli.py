@@ -316,3 +316,49 @@ def build_plugin(tensorrt_root, out_dir):
     from dmf_export.plugin_build import build_plugin as build
 
     click.echo(str(build(tensorrt_root, out_dir, log=_log)))
+
+
+@main.command()
+@click.argument("repo_or_artifact", type=click.Path(exists=True))
+@click.option("--http-port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="HTTP/REST (KServe v2) port; 0 picks a free one.")
+@click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(0, 65535),
+              help="gRPC port; 0 picks a free one.")
+@click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(0, 65535),
+              help="Prometheus metrics port; 0 picks a free one.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--server-env", type=click.Path(file_okay=False),
+              help="Virtual environment holding nvidia-pytriton, numpy < 2 and onnxruntime, whose "
+                   "Python runs the python backend (default $DMF_TRITON_ENV, else this one).")
+@click.option("--model", "models", multiple=True, help="Load only this model (repeatable).")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="onnxruntime threads per instance, when serving an .onnx artifact.")
+def serve(repo_or_artifact, http_port, grpc_port, metrics_port, host, server_env, models, threads):
+    """Serve a Triton model repository (or one .onnx artifact) with a real Triton server.
+
+    \b
+    The tritonserver binary and python backend of the nvidia-pytriton wheel
+    (pip install 'dmf-export[serve]'); models whose backend the server lacks (the
+    wheel has no onnxruntime backend) are skipped, and said so. Runs until Ctrl-C or
+    SIGTERM, then stops the server and its stub processes.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from dmf_export.serve import TritonServer, serve_forever
+
+    path = Path(repo_or_artifact)
+    with tempfile.TemporaryDirectory(prefix="dmf-serve-") as scratch:
+        if path.is_file():
+            from dmf_export.runtime import read_info
+            from dmf_export.triton import write_repository
+
+            repo = Path(scratch) / "repo"
+            write_repository(repo, {read_info(path).graph: path}, threads=threads)
+        else:
+            repo = path
+        server = TritonServer(repo, http_port=http_port or None, grpc_port=grpc_port or None,
+                              metrics_port=metrics_port or None, host=host, server_env=server_env,
+                              models=list(models) or None)
+        serve_forever(server, echo=click.echo)

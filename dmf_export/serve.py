@@ -265,7 +265,7 @@ class TritonServer:
 
     def stub_pids(self) -> list[int]:
         """Process ids of the server's python backend stubs."""
-        return [pid for pid, name in _group_members(self.process.pid) if "stub" in name] \
+        return [pid for pid, name in group_members(self.process.pid) if "stub" in name] \
             if self.process else []
 
     def stop(self) -> None:
@@ -293,7 +293,7 @@ class TritonServer:
         self.stop()
 
 
-def _group_members(group: int) -> list[tuple[int, str]]:
+def group_members(group: int) -> list[tuple[int, str]]:
     """(pid, command name) of the live processes in process group ``group``."""
     members = []
     for entry in Path("/proc").iterdir():
@@ -311,7 +311,7 @@ def _group_members(group: int) -> list[tuple[int, str]]:
 
 def _kill_group(group: int, wait: float = 5.0) -> None:
     deadline = time.monotonic() + wait
-    while _group_members(group) and time.monotonic() < deadline:
+    while group_members(group) and time.monotonic() < deadline:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)
         time.sleep(0.05)
