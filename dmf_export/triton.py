@@ -35,6 +35,7 @@ from dmf_export.errors import DMFExportError, summarize
 
 MODEL_NAMES = {"episode": "dmf", "encoder": "dmf_encoder", "head": "dmf_head"}
 PYTHON_SUFFIX = "_python"
+EPISODE_MODEL = MODEL_NAMES["episode"] + PYTHON_SUFFIX  # the one the nvidia-pytriton wheel serves
 PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
 _TRITON_TYPE = {"fp32": "TYPE_FP32", "fp16": "TYPE_FP16"}
 _NUMPY_TYPE = {"fp32": np.float32, "fp16": np.float16}
@@ -208,7 +209,7 @@ class TritonRunner:
     not meant to be shared across threads).
     """
 
-    def __init__(self, url_or_server, model: str = MODEL_NAMES["episode"] + PYTHON_SUFFIX,
+    def __init__(self, url_or_server, model: str = EPISODE_MODEL,
                  protocol: str = "http", timeout: float = 60.0, precision: str = "fp32"):
         if protocol not in ("http", "grpc"):
             raise DMFExportError(f"unknown protocol {protocol!r}; choose from http, grpc")

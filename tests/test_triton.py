@@ -34,7 +34,6 @@ ROOT = Path(__file__).resolve().parent.parent
 IMAGE = 32  # 4×4 features: the whole graph, cheaply (the python backend runs it on 2 cores)
 SIZES = [EpisodeSize(5, 1, 4), EpisodeSize(5, 5, 3), EpisodeSize(3, 2, 2), EpisodeSize(10, 1, 2),
          EpisodeSize(2, 1, 1)]
-EPISODE_MODEL = "dmf_python"
 TIMEOUT = 60.0  # seconds any one request may take before a test calls it hung
 
 tritonclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] not installed "
@@ -43,7 +42,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from dmf_export.errors import DMFExportError  # noqa: E402
 from dmf_export.serve import TritonServer, find_distribution, glibc_version  # noqa: E402
-from dmf_export.triton import TritonRunner  # noqa: E402
+from dmf_export.triton import EPISODE_MODEL, TritonRunner  # noqa: E402
 
 
 def _server_env() -> str | None:
