@@ -1,15 +1,16 @@
 """Episodes through a real Triton server next to the same ONNX graph in-process.
 
     python benchmarks/triton_bench.py [--checkpoint CKPT] [--size 5w1s75q] [--clients 1,2,4]
-        [--episodes 6] [--threads 2] [--instances 1] [--protocols grpc,http] [--server-env ENV] [--json]
+        [--episodes 3] [--rounds 2] [--threads 2] [--instances 1] [--protocols grpc,http] [--server-env ENV] [--json]
 
 The episode graph is exported once (``export_triton``: the default seeded checkpoint,
 groups 64, kernel 1, 84×84, unless ``--checkpoint``) and served by the nvidia-pytriton
 wheel's tritonserver through the python-backend model (onnxruntime inside the server,
 ``--threads`` intra-op threads per instance). The in-process reference is an onnxruntime
 session on the same ``model.onnx`` with the same thread count and options, called from the
-same number of client threads. Each client sends one untimed warm-up episode, then
-``--episodes`` timed ones; p50/p99 are over all clients' episodes (with few episodes p99
+same number of client threads. At each client count the backends take turns, round by
+round (the CPU may be shared: turns spread other load over all alike); in each round each
+client sends one untimed warm-up episode, then ``--episodes`` timed ones; p50/p99 are over all clients' episodes (with few episodes p99
 is close to the maximum) and episodes/s is the total over the wall time of the timed part.
 ``overhead`` is the server's p50 over the in-process p50 at the same client count.
 """
@@ -88,7 +89,8 @@ def main() -> int:
     parser.add_argument("--checkpoint")
     parser.add_argument("--size", default="5w1s75q")
     parser.add_argument("--clients", default="1,2,4")
-    parser.add_argument("--episodes", type=int, default=6, help="timed episodes per client")
+    parser.add_argument("--episodes", type=int, default=3, help="timed episodes per client and round")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds, alternating the backends")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     parser.add_argument("--instances", type=int, default=1, help="model instances in the server")
     parser.add_argument("--protocols", default="grpc,http")
@@ -116,40 +118,47 @@ def main() -> int:
                       lambda m: print(m, file=sys.stderr))
         onnx_file = scratch / "exported" / EPISODE_MODEL / "1" / "model.onnx"
         repo = scratch / "repo"
-        write_repository(repo, {"episode": onnx_file}, threads=args.threads, instances=args.instances)
+        write_repository(repo, [onnx_file], threads=args.threads, instances=args.instances)
 
         support, labels, query = make_episode(size, seed=0)
         feeds = {name: t.numpy() for name, t in zip(EPISODE_INPUTS, (support, labels, query))}
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
         session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
-        in_process = {}
-        for n in clients:
-            print(f"in-process onnxruntime, {n} client(s)", file=sys.stderr)
-            row = summary("onnxruntime in-process", n,
-                          *run_clients(lambda: lambda: session.run(None, feeds), n, args.episodes))
-            in_process[n] = row["p50_ms"]
-            rows.append(row)
-        del session
         with TritonServer(repo, server_env=args.server_env, models=[EPISODE_MODEL]) as server:
-            for protocol in protocols:
-                for n in clients:
-                    print(f"triton {protocol}, {n} client(s)", file=sys.stderr)
+            def triton_call(protocol):
+                def make_call():
+                    runner = TritonRunner(server, EPISODE_MODEL, protocol=protocol, timeout=600)
+                    return lambda: runner.infer(feeds)
+                return make_call
 
-                    def make_call():
-                        runner = TritonRunner(server, EPISODE_MODEL, protocol=protocol, timeout=600)
-                        return lambda: runner.infer(feeds)
-
-                    row = summary(f"triton {protocol} (python backend)", n,
-                                  *run_clients(make_call, n, args.episodes))
-                    row["overhead"] = row["p50_ms"] / in_process[n]
+            backends = {"onnxruntime in-process": lambda: lambda: session.run(None, feeds),
+                        **{f"triton {p} (python backend)": triton_call(p) for p in protocols}}
+            for n in clients:
+                latencies = {name: [] for name in backends}
+                walls = dict.fromkeys(backends, 0.0)
+                # the CPU is shared: alternating the backends round by round spreads the
+                # other load over all of them alike
+                for round_ in range(args.rounds):
+                    for name, make_call in backends.items():
+                        print(f"{name}, {n} client(s), round {round_ + 1}", file=sys.stderr)
+                        times, wall = run_clients(make_call, n, args.episodes)
+                        latencies[name] += times
+                        walls[name] += wall
+                reference = None
+                for name in backends:
+                    row = summary(name, n, latencies[name], walls[name])
+                    if reference is None:
+                        reference = row["p50_ms"]
+                    else:
+                        row["overhead"] = row["p50_ms"] / reference
                     rows.append(row)
     if args.json:
         print(json.dumps({"size": str(size), "threads": args.threads, "instances": args.instances,
                           "rows": rows}, indent=2))
         return 0
     print(f"{size}, onnxruntime {args.threads} intra-op threads, {args.instances} server instance(s), "
-          f"{args.episodes} timed episodes per client")
+          f"{args.rounds} rounds × {args.episodes} timed episodes per client")
     print(f"{'backend':<32}{'clients':>8}{'p50 ms':>10}{'p99 ms':>10}{'episodes/s':>12}{'÷ in-process':>14}")
     for row in rows:
         ratio = f"{row['overhead']:.3f}" if "overhead" in row else ""

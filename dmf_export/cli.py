@@ -351,11 +351,10 @@ def serve(repo_or_artifact, http_port, grpc_port, metrics_port, host, server_env
     path = Path(repo_or_artifact)
     with tempfile.TemporaryDirectory(prefix="dmf-serve-") as scratch:
         if path.is_file():
-            from dmf_export.runtime import read_info
             from dmf_export.triton import write_repository
 
             repo = Path(scratch) / "repo"
-            write_repository(repo, {read_info(path).graph: path}, threads=threads)
+            write_repository(repo, [path], threads=threads)
         else:
             repo = path
         server = TritonServer(repo, http_port=http_port or None, grpc_port=grpc_port or None,

@@ -1,4 +1,4 @@
-"""Triton Inference Server model repositories from the ONNX graphs, and a client runner.
+"""Triton Inference Server model repositories from the artifacts, and a client runner.
 
 A repository holds, for each graph (the episode, and with ``--graph split`` also the
 encoder and the head), two models over the same ``model.onnx``:
@@ -9,6 +9,10 @@ encoder and the head), two models over the same ``model.onnx``:
   server (``triton_python_model.py``), for servers with an older or no onnxruntime
   backend (the ``nvidia-pytriton`` wheel ships only the python backend); it also checks
   each episode against the contract.
+
+and, where asked for, ``<name>_torchscript`` (``pytorch_libtorch``; the server must load
+the ``dmf::deform_conv2d`` op library) and ``<name>_tensorrt`` (``tensorrt_plan``; the
+server must load the DMFDeformConv2d plugin library), as README's serving section says.
 
 ``TritonRunner`` is the client side: ``runner(support, support_labels, query)`` →
 ``scores``, through ``tritonclient`` (HTTP or gRPC) only.
@@ -71,23 +75,41 @@ def _parameters(values: dict[str, object]) -> str:
                    for key, value in values.items())
 
 
+# backend → (config.pbtxt's first line, the model file's name, the model name's suffix, device)
+BACKENDS = {
+    "onnxruntime": ('platform: "onnxruntime_onnx"', "model.onnx", "", "KIND_CPU"),
+    "python": ('backend: "python"', "model.onnx", PYTHON_SUFFIX, "KIND_CPU"),
+    "pytorch": ('platform: "pytorch_libtorch"', "model.pt", "_torchscript", "KIND_CPU"),
+    "tensorrt": ('platform: "tensorrt_plan"', "model.plan", "_tensorrt", "KIND_GPU"),
+}
+# the backends that serve each artifact format
+_FORMAT_BACKENDS = {"onnx": ("onnxruntime", "python"), "torchscript": ("pytorch",),
+                    "tensorrt": ("tensorrt",)}
+
+
 def config_text(name: str, graph: str, info: ArtifactInfo, features_hw: int, *,
                 backend: str = "onnxruntime", instances: int = 1, threads: int | None = None,
                 bounds: dict[str, int] | None = None) -> str:
-    """config.pbtxt of one model: ``backend`` 'onnxruntime' (platform onnxruntime_onnx) or
-    'python'. Whole-episode tensors, so ``max_batch_size: 0`` and full shapes."""
+    """config.pbtxt of one model (``backend`` a key of ``BACKENDS``). Whole-episode tensors,
+    so ``max_batch_size: 0`` and full shapes. The tensor names are the contract's: for
+    TorchScript they are the forward's argument names, which Triton's PyTorch backend
+    binds by; a TensorRT engine's bindings carry the ONNX names."""
     inputs, outputs = _IO[graph]
     dims = tensor_dims(graph, info.image_size, features_hw)
     data_type = _TRITON_TYPE[info.precision]
-    head = (f'name: "{name}"\n' + ('platform: "onnxruntime_onnx"\n' if backend == "onnxruntime"
-                                    else 'backend: "python"\n') + "max_batch_size: 0\n")
+    first_line, _, _, kind = BACKENDS[backend]
+    head = f'name: "{name}"\n{first_line}\nmax_batch_size: 0\n'
     body = (f"input {_tensors(inputs, dims, data_type)}\n"
             f"output {_tensors(outputs, dims, data_type)}\n"
-            f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_CPU\n  }}\n]\n")
-    if backend == "onnxruntime":
-        parameters = {"intra_op_thread_count": threads} if threads else {}
-    else:
-        parameters = {"image_size": info.image_size, **{f"max_{k}": v for k, v in (bounds or {}).items()}}
+            f"instance_group [\n  {{\n    count: {instances}\n    kind: {kind}\n  }}\n]\n")
+    parameters: dict[str, object] = {}
+    if backend == "onnxruntime" and threads:
+        parameters["intra_op_thread_count"] = threads
+    elif backend == "pytorch" and threads:
+        parameters["INTRA_OP_THREAD_COUNT"] = threads
+    elif backend == "python":
+        parameters["image_size"] = info.image_size
+        parameters.update({f"max_{k}": v for k, v in (bounds or {}).items()})
         if threads:
             parameters["intra_op_threads"] = threads
     return head + body + _parameters(parameters)
@@ -99,12 +121,12 @@ def _features_hw(image_size: int) -> int:
     return feature_size(image_size)
 
 
-def _write_model(folder: Path, config: str, onnx_file: Path, python: bool) -> None:
+def _write_model(folder: Path, config: str, artifact: Path, backend: str) -> None:
     version = folder / "1"
     version.mkdir(parents=True)
     (folder / "config.pbtxt").write_text(config)
-    shutil.copyfile(onnx_file, version / "model.onnx")
-    if python:
+    shutil.copyfile(artifact, version / BACKENDS[backend][1])
+    if backend == "python":
         shutil.copyfile(PYTHON_MODEL, version / "model.py")
 
 
@@ -132,51 +154,70 @@ def _atomic_folder(final: Path, force: bool):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_repository(repo: Path, graphs: dict[str, Path], *, force: bool = False,
-                     instances: int = 1, threads: int | None = None,
-                     bounds: dict[str, int] | None = None) -> dict[str, Path]:
-    """Write a Triton model repository at ``repo`` from ONNX files ``{graph: path}``
-    (graph 'episode', 'encoder', 'head', as ``export --format onnx`` writes them).
-
-    ``instances`` model instances per model, ``threads`` onnxruntime intra-op threads per
-    instance (None: onnxruntime's default, all cores), ``bounds`` the largest way, shot
-    and queries the python-backend episode model accepts (default ``DEFAULT_BOUNDS``).
-    Atomic: a temporary folder beside ``repo``, renamed onto it. Returns {model name: folder}.
-    """
+def _artifact_info(path: Path) -> ArtifactInfo:
     from dmf_export.runtime import read_info
 
+    info = read_info(path)
+    if info.format not in _FORMAT_BACKENDS:
+        raise DMFExportError(f"{path}: Triton serves ONNX, TorchScript and TensorRT artifacts, not {info.format}")
+    if info.format == "onnx" and info.onnx_flavor == "plugin":
+        raise DMFExportError(f"{path} is a plugin-flavour ONNX graph (for TensorRT); Triton's onnxruntime "
+                             "and python backends run the standard flavour")
+    if info.graph not in MODEL_NAMES:
+        raise DMFExportError(f"{path}: unknown graph {info.graph!r}")
+    return info
+
+
+def write_repository(repo: Path, artifacts, *, force: bool = False, instances: int = 1,
+                     threads: int | None = None, bounds: dict[str, int] | None = None) -> dict[str, Path]:
+    """Write a Triton model repository at ``repo`` from dmf-export artifacts (paths; each
+    one's metadata says its format and graph: episode, encoder or head).
+
+    Per artifact: a standard ONNX graph gives an onnxruntime-backend model ``dmf[_encoder|
+    _head]`` and a python-backend one ``…_python``; TorchScript ``…_torchscript``
+    (pytorch_libtorch); a TensorRT engine ``…_tensorrt`` (tensorrt_plan, on a GPU).
+    ``instances`` model instances each, ``threads`` intra-op threads per instance (None:
+    the runtime's default, all cores), ``bounds`` the largest way, shot and queries the
+    python-backend episode model accepts (default ``DEFAULT_BOUNDS``). Atomic: written in
+    a folder beside ``repo`` and renamed onto it. Returns {model name: folder}.
+    """
     repo = Path(repo)
     bounds = {**DEFAULT_BOUNDS, **(bounds or {})}
-    infos = {}
-    for graph, path in graphs.items():
-        if graph not in MODEL_NAMES:
-            raise DMFExportError(f"unknown graph {graph!r}; choose from {', '.join(MODEL_NAMES)}")
-        info = read_info(Path(path))
-        if info.format != "onnx" or info.onnx_flavor == "plugin":
-            raise DMFExportError(f"{path} is not a standard-flavour ONNX graph; Triton's onnxruntime "
-                                 "and python backends run those")
-        if info.graph != graph:
-            raise DMFExportError(f"{path} holds the {info.graph} graph, not the {graph} graph")
-        infos[graph] = info
+    planned = {}
+    for path in map(Path, artifacts):
+        info = _artifact_info(path)
+        for backend in _FORMAT_BACKENDS[info.format]:
+            name = MODEL_NAMES[info.graph] + BACKENDS[backend][2]
+            if name in planned:
+                raise DMFExportError(f"two artifacts for the model {name}: {planned[name][0]} and {path}")
+            planned[name] = (path, info, backend)
+    if not planned:
+        raise DMFExportError("no artifacts to write a repository from")
     models = {}
     with _atomic_folder(repo, force) as tmp:
-        for graph, info in infos.items():
-            features_hw = _features_hw(info.image_size)
-            for name, backend in ((MODEL_NAMES[graph], "onnxruntime"),
-                                  (MODEL_NAMES[graph] + PYTHON_SUFFIX, "python")):
-                config = config_text(name, graph, info, features_hw, backend=backend,
-                                     instances=instances, threads=threads, bounds=bounds)
-                _write_model(tmp / name, config, Path(graphs[graph]), python=backend == "python")
-                models[name] = repo / name
+        for name, (path, info, backend) in planned.items():
+            config = config_text(name, info.graph, info, _features_hw(info.image_size), backend=backend,
+                                 instances=instances, threads=threads, bounds=bounds)
+            _write_model(tmp / name, config, path, backend)
+            models[name] = repo / name
     return models
 
 
-def export_triton(checkpoint: str, opts, log: Callable[[str], None] = lambda _: None) -> list:
-    """``export --format triton -o REPO``: the episode ONNX graph (and with ``--graph split``
-    the encoder and head too) exported into a temporary folder, then written as a
-    repository (see ``write_repository``). Returns one ``Written`` per model file."""
+VARIANTS = ("onnx", "torchscript", "tensorrt")
+
+
+def export_triton(checkpoint: str, opts, log: Callable[[str], None] = lambda _: None,
+                  variants=("onnx",)) -> list:
+    """``export --format triton -o REPO``: the episode graph (and with ``--graph split``
+    the encoder and head too) exported into a temporary folder in each of ``variants``
+    (``VARIANTS``; default ONNX, for the onnxruntime and python backends; 'tensorrt' needs
+    TensorRT and a GPU, and builds the episode graph only), then written as a repository
+    (``write_repository``). Returns one ``Written`` per model file."""
     from dmf_export.export import Written, export_checkpoint
 
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise DMFExportError(f"unknown Triton variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
     if not opts.output:
         raise DMFExportError("--format triton needs -o REPO (the repository folder to write)")
     repo = Path(opts.output)
@@ -184,21 +225,28 @@ def export_triton(checkpoint: str, opts, log: Callable[[str], None] = lambda _: 
         raise DMFExportError(f"{repo} exists; pass --force to overwrite it")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dmf-triton-") as scratch:
-        graphs = {}
-        for graph in ("episode", "split") if opts.graph == "split" else ("episode",):
-            onnx_opts = dataclasses.replace(opts, format="onnx", onnx_flavor="standard", graph=graph,
-                                            output=str(Path(scratch) / "model"), force=True)
-            for written in export_checkpoint(checkpoint, onnx_opts, log):
-                graphs[written.graph] = written.path
+        artifacts = []
+        for fmt in variants:
+            graphs = ("episode", "split") if opts.graph == "split" and fmt != "tensorrt" else ("episode",)
+            for graph in graphs:
+                artifact_opts = dataclasses.replace(
+                    opts, format=fmt, graph=graph, force=True, output=str(Path(scratch) / f"{fmt}-{graph}"),
+                    onnx_flavor="standard" if fmt == "onnx" else opts.onnx_flavor)
+                artifacts += [w.path for w in export_checkpoint(checkpoint, artifact_opts, log)]
         log(f"writing Triton repository → {repo}")
         try:
-            models = write_repository(repo, graphs, force=opts.force)
+            models = write_repository(repo, artifacts, force=opts.force)
         except OSError as err:
             raise DMFExportError(f"cannot write {repo}: {summarize(err)}") from err
     seconds = time.perf_counter() - start
     graph_of = {name: graph for graph, name in MODEL_NAMES.items()}
-    return [Written(folder / "1" / "model.onnx", graph_of[name.removesuffix(PYTHON_SUFFIX)], seconds)
-            for name, folder in models.items()]
+    by_suffix = sorted(((b[2], key) for key, b in BACKENDS.items()), key=lambda pair: -len(pair[0]))
+
+    def written(name, folder):
+        suffix, backend = next((s, b) for s, b in by_suffix if name.endswith(s))
+        return Written(folder / "1" / BACKENDS[backend][1], graph_of[name[: len(name) - len(suffix)]], seconds)
+
+    return [written(name, folder) for name, folder in models.items()]
 
 
 class TritonRunner:

@@ -171,6 +171,33 @@ def test_config_parses_against_tritons_model_config_schema(repo, model, platform
         assert config.parameters["image_size"].string_value == str(IMAGE)
 
 
+@pytest.mark.parametrize("backend, platform, precision", [("pytorch", "pytorch_libtorch", "fp32"),
+                                                         ("tensorrt", "tensorrt_plan", "fp16")])
+def test_torchscript_and_tensorrt_configs_parse_and_name_the_graphs_tensors(backend, platform, precision):
+    import inspect
+
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as schema
+
+    from dmf_export.contract import ArtifactInfo
+    from dmf_export.deploy import EpisodeGraph
+    from dmf_export.triton import config_text
+
+    info = ArtifactInfo(format="torchscript" if backend == "pytorch" else "tensorrt", precision=precision)
+    text = config_text("dmf_x", "episode", info, 11, backend=backend, threads=2)
+    config = text_format.Parse(text, schema.ModelConfig())
+    assert (config.platform, config.max_batch_size) == (platform, 0)
+    # Triton's PyTorch backend binds inputs by the forward's argument names
+    arguments = list(inspect.signature(EpisodeGraph.forward).parameters)[1:]
+    assert [t.name for t in config.input] == arguments == ["support", "support_labels", "query"]
+    assert [list(t.dims) for t in config.input] == [[-1, 3, 84, 84], [-1, -1], [-1, 3, 84, 84]]
+    assert [(t.name, list(t.dims)) for t in config.output] == [("scores", [-1, -1])]
+    wanted_type = schema.TYPE_FP16 if precision == "fp16" else schema.TYPE_FP32
+    assert {t.data_type for t in list(config.input) + list(config.output)} == {wanted_type}
+    kind = schema.ModelInstanceGroup.KIND_GPU if backend == "tensorrt" else schema.ModelInstanceGroup.KIND_CPU
+    assert [g.kind for g in config.instance_group] == [kind]
+
+
 def test_export_refuses_an_existing_repository_and_leaves_it(repo, checkpoint):
     from dmf_export.export import ExportOptions
     from dmf_export.triton import export_triton
@@ -180,6 +207,20 @@ def test_export_refuses_an_existing_repository_and_leaves_it(repo, checkpoint):
         export_triton(str(checkpoint), ExportOptions(format="triton", output=str(repo), image_size=IMAGE))
     assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == before
     assert not [p for p in repo.parent.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("what, needle", [("empty folder", "is not a Triton model repository"),
+                                          ("not an artifact", "cannot read it as a onnx artifact")])
+def test_serve_refuses_what_it_cannot_serve_in_one_line(tmp_path, what, needle):
+    from cli_helpers import one_error_line, run_cli
+
+    target = tmp_path / "empty"
+    target.mkdir()
+    if what == "not an artifact":
+        target = tmp_path / "notes.onnx"
+        target.write_text("not a graph")
+    code, output = run_cli("serve", target)
+    assert code == 2 and needle in one_error_line(output)
 
 
 # ---------------------------------------------------------------- good requests
@@ -268,12 +309,15 @@ def test_a_bad_request_gets_an_error_and_the_next_good_one_an_answer(server, eag
 
 # ---------------------------------------------------------------- the server's life
 
-def test_a_killed_stub_is_reported_not_hung_on_and_a_reload_recovers(repo, server_env, eager):
+def test_a_killed_stub_is_reported_not_hung_on_a_reload_recovers_and_stop_frees_all(
+        repo, server_env, eager):
     import tritonclient.http as http
 
     good = episode(EpisodeSize(2, 1, 1), seed=11)
     # a short exit timeout: the dead instance's unload holds the server's exit for that long
     with TritonServer(repo, server_env=server_env, exit_timeout=2) as server:
+        ports = list(server.ports.values())
+        assert not any(_port_is_free(p) for p in ports)
         runner = TritonRunner(server, EPISODE_MODEL, timeout=TIMEOUT)
         (stub,) = server.stub_pids()
         os.kill(stub, signal.SIGKILL)
@@ -291,14 +335,8 @@ def test_a_killed_stub_is_reported_not_hung_on_and_a_reload_recovers(repo, serve
         control.close()
         assert_matches(runner(*good), eager(*good))
         runner.close()
-
-
-def test_stopping_frees_the_ports_and_leaves_no_stub(repo, server_env):
-    server = TritonServer(repo, server_env=server_env).start()
-    stubs, ports = server.stub_pids(), list(server.ports.values())
-    assert stubs and not any(_port_is_free(p) for p in ports)
-    server.stop()
-    assert not any(_alive(pid) for pid in stubs + [server.process.pid])
+        (new_stub,) = server.stub_pids()
+    assert not any(_alive(pid) for pid in (new_stub, server.process.pid))
     assert all(_port_is_free(p) for p in ports)
 
 
