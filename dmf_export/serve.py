@@ -277,6 +277,7 @@ class TritonServer:
         timeout SIGKILL to whatever of its process group is left; frees the workspace."""
         if self.process is not None:
             group = self.process.pid
+            stubs = self.stub_pids()
             if self.process.poll() is None:
                 self.process.send_signal(signal.SIGTERM)
                 try:
@@ -286,6 +287,7 @@ class TritonServer:
             _kill_group(group)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(5)
+            _kill_pids(stubs)  # in case one left the group
         if self._workspace is not None:
             shutil.rmtree(self._workspace, ignore_errors=True)
             self._workspace = None
@@ -318,6 +320,22 @@ def _kill_group(group: int, wait: float = 5.0) -> None:
     while group_members(group) and time.monotonic() < deadline:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _kill_pids(pids, wait: float = 5.0) -> None:
+    deadline = time.monotonic() + wait
+    while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         time.sleep(0.05)
 
 
