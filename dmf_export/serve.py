@@ -159,10 +159,10 @@ class TritonServer:
                  metrics_port: int | None = None, host: str = "127.0.0.1", server_env=None,
                  models: list[str] | None = None, startup_timeout: float = 120.0,
                  exit_timeout: int = 10, python_shm_mb: int = 16):
-        try:
-            import tritonclient.http  # noqa: F401  (readiness is asked through it)
-        except ImportError as err:
-            raise DMFExportError("tritonclient is not installed (pip install 'dmf-export[client]')") from err
+        import importlib.util
+
+        if importlib.util.find_spec("tritonclient") is None:  # readiness is asked through it
+            raise DMFExportError("tritonclient is not installed (pip install 'dmf-export[client]')")
         self.repo = Path(repo).resolve()
         available = repository_models(self.repo)
         self.distribution = find_distribution(server_env)
