@@ -104,6 +104,9 @@ def _episode_options(way=5, shot=1, queries=75):
 @click.option("--opset", default=19, show_default=True, type=click.IntRange(min=19), help="ONNX opset.")
 @click.option("--device", default="cpu", show_default=True,
               help="aoti: the device the package is compiled for and runs on (cpu, cuda).")
+@click.option("--variants", default="onnx", show_default=True,
+              help="triton: the artifact formats the repository holds, comma-separated "
+                   "(onnx, torchscript, tensorrt; onnx serves the onnxruntime and python backends).")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--verify/--no-verify", "run_verify", default=True, show_default=True,
               help="Check the artifact against the eager model after writing it.")
@@ -122,9 +125,10 @@ def _episode_options(way=5, shot=1, queries=75):
 @click.option("--timing-cache", type=click.Path(dir_okay=False),
               help="TensorRT: timing cache file, read and updated (default: one in ~/.cache/dmf_export).")
 def export(checkpoint, fmt, output, solver, steps, precision, graph, onnx_flavor, groups, kernel,
-           way, shot, queries, image_size, opset, device, force, run_verify, max_way, max_shot, max_queries,
+           way, shot, queries, image_size, opset, device, variants, force, run_verify, max_way, max_shot, max_queries,
            plugin, tensorrt_root, workspace, timing_cache):
-    """Export CHECKPOINT as a TorchScript, ONNX, AOTInductor or TensorRT artifact.
+    """Export CHECKPOINT as a TorchScript, ONNX, AOTInductor or TensorRT artifact, or a
+    Triton Inference Server model repository.
 
     Every file of one export lands, or none does; existing files are kept unless --force.
 
@@ -134,6 +138,7 @@ def export(checkpoint, fmt, output, solver, steps, precision, graph, onnx_flavor
       dmf-export export model.pth.tar -f torchscript -o dmf.ts
       dmf-export export model.pth.tar -f onnx --graph split --precision fp16
       dmf-export export model.pth.tar -f aoti            # → model.pt2 (torch.export + AOTInductor)
+      dmf-export export model.pth.tar -f triton -o repo  # a Triton model repository
       dmf-export export model.pth.tar -f tensorrt --precision fp16 --max-queries 100
     """
     from dmf_export.export import ExportOptions, export_checkpoint
@@ -141,13 +146,19 @@ def export(checkpoint, fmt, output, solver, steps, precision, graph, onnx_flavor
     opts = ExportOptions(format=fmt, output=output, solver=solver, steps=steps, precision=precision,
                          graph=graph, onnx_flavor=onnx_flavor, groups=groups,
                          kernel=int(kernel) if kernel else None, way=way, shot=shot, queries=queries,
-                         image_size=image_size, opset=opset, device=device, force=force, max_way=max_way,
+                         image_size=image_size, opset=opset, device=device,
+                         variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
+                         force=force, max_way=max_way,
                          max_shot=max_shot, max_queries=max_queries, plugin=plugin,
                          tensorrt_root=tensorrt_root, workspace=workspace, timing_cache=timing_cache)
     written = export_checkpoint(checkpoint, opts, log=_log)
     for item in written:
         click.echo(f"wrote {item.path} ({item.size_mb:.1f} MB, {item.seconds:.1f} s)")
     if not run_verify:
+        return
+    cannot_run = formats.get(fmt).unavailable(device)
+    if cannot_run:
+        _log(f"skipping verify: {cannot_run}")
         return
     if fmt == "onnx" and onnx_flavor == "plugin":
         _log("skipping verify: the plugin-flavour graph runs in TensorRT (export --format tensorrt)")
@@ -468,3 +479,47 @@ def predict(artifact, queries, support_dir, cifar, workers, provider, device, th
     for row in rows:
         click.echo("  ".join(cell.ljust(width) if i < 2 else cell.rjust(width)
                              for i, (cell, width) in enumerate(zip(row, widths))).rstrip())
+
+@main.command()
+@click.argument("repo_or_artifact", type=click.Path(exists=True))
+@click.option("--http-port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="HTTP/REST (KServe v2) port; 0 picks a free one.")
+@click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(0, 65535),
+              help="gRPC port; 0 picks a free one.")
+@click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(0, 65535),
+              help="Prometheus metrics port; 0 picks a free one.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--server-env", type=click.Path(file_okay=False),
+              help="Virtual environment holding nvidia-pytriton, numpy < 2 and onnxruntime, whose "
+                   "Python runs the python backend (default $DMF_TRITON_ENV, else this one).")
+@click.option("--model", "models", multiple=True, help="Load only this model (repeatable).")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="onnxruntime threads per instance, when serving an .onnx artifact.")
+def serve(repo_or_artifact, http_port, grpc_port, metrics_port, host, server_env, models, threads):
+    """Serve a Triton model repository (or one .onnx artifact) with a real Triton server.
+
+    \b
+    The tritonserver binary and python backend of the nvidia-pytriton wheel
+    (pip install 'dmf-export[serve]'); models whose backend the server lacks (the
+    wheel has no onnxruntime backend) are skipped, and said so. Runs until Ctrl-C or
+    SIGTERM, then stops the server and its stub processes.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from dmf_export.serve import TritonServer, serve_forever
+
+    path = Path(repo_or_artifact)
+    with tempfile.TemporaryDirectory(prefix="dmf-serve-") as scratch:
+        if path.is_file():
+            from dmf_export.triton import write_repository
+
+            repo = Path(scratch) / "repo"
+            write_repository(repo, [path], threads=threads)
+        else:
+            repo = path
+        server = TritonServer(repo, http_port=http_port or None, grpc_port=grpc_port or None,
+                              metrics_port=metrics_port or None, host=host, server_env=server_env,
+                              models=list(models) or None)
+        serve_forever(server, echo=click.echo)

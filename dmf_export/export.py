@@ -38,6 +38,7 @@ class ExportOptions:
     onnx_flavor: str = "standard"      # onnx: standard (DeformConv) | plugin (the TensorRT node)
     opset: int = 19                    # onnx, tensorrt (through its ONNX graph)
     device: str = "cpu"                # aoti: the device the package is compiled for
+    variants: tuple = ("onnx",)        # triton: the artifact formats the repository holds
     # TensorRT engines: the optimisation profile's upper bounds (None: dmf_export.formats.
     # tensorrt's defaults, which cover 10-way 5-shot 75-query), the plugin library (None:
     # build it), the builder's workspace limit in GiB (None: TensorRT's default), the
@@ -97,7 +98,7 @@ def export_checkpoint(checkpoint: str, opts: ExportOptions,
     """Load ``checkpoint`` and write the artifact(s) ``opts`` asks for; returns what was
     written. Every file of the export lands, or none does."""
     fmt = opts.check()
-    reason = fmt.unavailable(getattr(opts, "device", "cpu"))
+    reason = fmt.unavailable(opts.device, purpose="export")
     if reason:
         raise DMFExportError(f"cannot export {fmt.title} here: {reason}")
     if not Path(checkpoint).is_file():

@@ -5,6 +5,7 @@ from a checkout without installation: the repository root goes on ``sys.path``.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+# The Triton server's own environment (numpy < 2), which .ci/run builds beside .venv
+if not os.environ.get("DMF_TRITON_ENV") and (ROOT / ".venv-triton" / "bin" / "python").exists():
+    os.environ["DMF_TRITON_ENV"] = str(ROOT / ".venv-triton")
 
 
 _STATE_DICTS: dict = {}

@@ -29,7 +29,7 @@ def checkpoint(tmp_path_factory):
 # -- the registry ---------------------------------------------------------------------
 
 def test_every_format_fills_in_the_one_surface():
-    assert formats.names() == ["torchscript", "onnx", "aoti", "tensorrt"]
+    assert formats.names() == ["torchscript", "onnx", "aoti", "tensorrt", "triton"]
     suffixes = [f.suffix for f in formats.all_formats()]
     assert len(set(suffixes)) == len(suffixes)
     for fmt in formats.all_formats():

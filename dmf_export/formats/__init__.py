@@ -13,7 +13,7 @@ from dmf_export.errors import DMFExportError, summarize
 from dmf_export.formats.base import Format, Runner, RunOptions, Staging, Written  # noqa: F401
 
 # in the order summaries list them
-_MODULES = ("torchscript", "onnx", "aoti", "tensorrt")
+_MODULES = ("torchscript", "onnx", "aoti", "tensorrt", "triton")
 _REGISTRY: dict[str, Format] = {}
 
 
@@ -44,11 +44,11 @@ def for_path(path: Path) -> Format:
     """The format a file is, by its name (``x.onnx``, ``x.encoder.pt2``, …)."""
     path = Path(path)
     for fmt in _registry().values():
-        if path.suffix in (fmt.suffix, *fmt.read_suffixes):
+        if fmt.claims(path):
             return fmt
     known = sorted({s for f in _registry().values() for s in (f.suffix, *f.read_suffixes)})
     raise DMFExportError(f"{path}: unknown artifact type {path.suffix or '(no suffix)'!r} "
-                         f"(expected {', '.join(known)})")
+                         f"(expected {', '.join(known)}, or a Triton model repository folder)")
 
 
 def read_info(path) -> ArtifactInfo:

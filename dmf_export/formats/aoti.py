@@ -48,7 +48,7 @@ class AOTInductor(Format):
     export_options = ("device",)
     run_flags = ("cuda_graph", "tf32")
 
-    def unavailable(self, device: str = "cpu") -> str | None:
+    def unavailable(self, device: str = "cpu", purpose: str = "run") -> str | None:
         if _compiler() is None:
             return "AOTInductor compiles C++: no C++ compiler found (install g++, or set CXX)"
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():

@@ -199,6 +199,9 @@ class Runner:
         with self._context():
             return self.graphs["encoder"](images)
 
+    def close(self) -> None:
+        """Free what the runner holds beyond memory (a server process); a no-op for most."""
+
 
 # ------------------------------------------------------------------------- a format
 
@@ -218,11 +221,18 @@ class Format:
     run_flags: ClassVar[tuple[str, ...]] = ()
     # images the TorchScript encoder takes at a time on a CPU (deploy.Encoder); 0: all
     cpu_batch: ClassVar[int] = 0
+    # one output for every graph (a folder), not a file per graph
+    single_output: ClassVar[bool] = False
 
     # -- what it needs
-    def unavailable(self, device: str = "cpu") -> str | None:
-        """Why this machine cannot write or run the format (one line), or None."""
+    def unavailable(self, device: str = "cpu", purpose: str = "run") -> str | None:
+        """Why this machine cannot write (``purpose`` "export") or run ("run") the format
+        (one line), or None."""
         return None
+
+    def claims(self, path: Path) -> bool:
+        """Whether ``path`` (which may not exist yet) is an artifact of this format."""
+        return path.suffix in (self.suffix, *self.read_suffixes)
 
     def check_options(self, opts) -> None:
         """Refuse in one line what this format cannot do with ``opts`` (beyond ``unavailable``)."""
@@ -324,6 +334,5 @@ def prepare_job(checkpoint: str, opts, cpu_batch: int = 0, log: Log = _quiet_log
     episode = build_episode_graph(model, solver=opts.solver, steps=opts.steps, cpu_batch=cpu_batch)
     dtype = torch.float16 if opts.precision == "fp16" else torch.float32
     episode = episode.to(dtype).eval()
-    modules = ({"episode": episode} if opts.graph == "episode"
-               else {"encoder": episode.encoder, "head": episode.head})
+    modules = {"episode": episode, "encoder": episode.encoder, "head": episode.head}
     return Job(checkpoint, opts, modules, model.groups, model.kernel)

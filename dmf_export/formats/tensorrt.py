@@ -423,7 +423,7 @@ class TensorRT(Format):
                       "tensorrt_root")
     run_flags = ("plugin",)
 
-    def unavailable(self, device: str = "cpu") -> str | None:
+    def unavailable(self, device: str = "cpu", purpose: str = "run") -> str | None:
         import importlib.util
 
         import torch

@@ -1,0 +1,114 @@
+"""A Triton Inference Server model repository (a folder): the episode graph (and with
+``--graph split`` the encoder and head too) for Triton's onnxruntime and python backends,
+and with ``--variants`` TorchScript (pytorch_libtorch) and TensorRT (tensorrt_plan) models
+too. ``dmf_export.triton`` writes the configs; ``dmf_export.serve`` runs a real server.
+
+As an artifact it runs through a server started from the ``nvidia-pytriton`` wheel (its
+python-backend models), so ``verify`` and ``bench`` measure what a client of the server
+gets; the environment that server runs in is ``$DMF_TRITON_ENV`` or this interpreter's.
+"""
+from __future__ import annotations
+
+import atexit
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from dmf_export.contract import ArtifactInfo
+from dmf_export.errors import DMFExportError
+from dmf_export.formats.base import Format, Runner, RunOptions, Staging, Written, prepare_job
+
+VARIANTS = ("onnx", "torchscript", "tensorrt")
+
+
+class Triton(Format):
+    name = "triton"
+    title = "Triton"
+    suffix = ".triton"  # the default repository folder's name: <checkpoint>.triton/
+    export_options = ("variants",)
+    single_output = True
+
+    def unavailable(self, device: str = "cpu", purpose: str = "run") -> str | None:
+        if purpose == "export":
+            return None  # a repository is plain files
+        from dmf_export.serve import find_distribution
+
+        try:
+            find_distribution()
+        except DMFExportError as err:
+            return f"no Triton server to run it here: {err}"
+        return None
+
+    def claims(self, path: Path) -> bool:
+        return path.suffix == self.suffix or (path.is_dir() and any(path.glob("*/config.pbtxt")))
+
+    def check_options(self, opts) -> None:
+        super().check_options(opts)
+        unknown = [v for v in opts.variants if v not in VARIANTS]
+        if unknown or not opts.variants:
+            raise DMFExportError(f"--variants: choose from {', '.join(VARIANTS)} (got {unknown or 'none'})")
+        if "onnx" not in opts.variants:
+            raise DMFExportError("--variants must include onnx: the served episode model is the ONNX graph")
+
+    def outputs(self, checkpoint, opts) -> dict[str, Path]:
+        if opts.output:
+            return {"repository": Path(opts.output)}
+        from dmf_export.formats.base import strip_checkpoint_suffix
+
+        stem = strip_checkpoint_suffix(Path(checkpoint).name) + self.name_tags(opts)
+        return {"repository": Path(checkpoint).parent / f"{stem}{self.suffix}"}
+
+    def write(self, job, outputs, staging, log) -> list[Written]:
+        from dmf_export import formats
+        from dmf_export.triton import write_repository
+
+        repo, opts = outputs["repository"], job.opts
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="dmf-triton-") as scratch:
+            artifacts = []
+            for variant in opts.variants:
+                fmt = formats.get(variant)
+                graphs = ["episode"] + (["encoder", "head"] if opts.graph == "split" and "split" in fmt.graphs
+                                        else [])
+                # the format's own deployment graph (TorchScript encodes 16 images at a time on a CPU)
+                variant_job = job if fmt.cpu_batch == 0 else prepare_job(job.checkpoint, opts, fmt.cpu_batch)
+                for graph in graphs:
+                    base = Path(scratch) / variant / graph
+                    base.parent.mkdir(parents=True, exist_ok=True)
+                    paths = {graph: Path(f"{base}{fmt.suffix}")}
+                    with Staging(fmt.staged(paths)) as inner:
+                        fmt.write(variant_job, paths, inner, log)
+                    artifacts.append(paths[graph])
+            log(f"writing the Triton model repository → {repo}")
+            write_repository(repo, artifacts, force=opts.force, staging=staging)
+        return [Written(repo, "episode" if opts.graph == "episode" else "split", time.perf_counter() - start)]
+
+    def read_info(self, path: Path) -> ArtifactInfo:
+        from dmf_export import formats
+        from dmf_export.triton import BACKENDS, MODEL_NAMES, PYTHON_SUFFIX
+
+        model = path / (MODEL_NAMES["episode"] + PYTHON_SUFFIX) / "1" / BACKENDS["python"][1]
+        if not model.is_file():
+            raise DMFExportError(f"{path}: not a Triton repository written by dmf-export (no {model.relative_to(path)})")
+        info = formats.read_info(model)
+        info.format, info.onnx_flavor = self.name, None
+        return info
+
+    def open(self, path: Path, info: ArtifactInfo, run: RunOptions) -> Runner:
+        from dmf_export.serve import TritonServer
+        from dmf_export.triton import EPISODE_MODEL, TritonRunner
+
+        if torch.device(run.device).type != "cpu" or run.provider != "cpu":
+            raise DMFExportError(f"{path}: the Triton server from the wheel runs on the CPU")
+        server = TritonServer(path, models=[EPISODE_MODEL]).start()
+        atexit.register(server.stop)
+        client = TritonRunner(server, EPISODE_MODEL, precision=info.precision)
+        runner = Runner(path, info, self.name, {"episode": client})
+        runner.server = server  # stopped with the runner, or at exit
+        runner.close = server.stop
+        return runner
+
+
+FORMAT = Triton()

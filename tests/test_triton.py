@@ -1,0 +1,381 @@
+"""Triton repositories served for real: the tritonserver of the nvidia-pytriton wheel on free
+loopback ports, spoken to with tritonclient over HTTP and gRPC.
+
+The reference is the eager model (``load_checkpoint``); the configuration's reference is
+Triton's own ModelConfig protobuf schema and the ONNX graph's declared inputs. The wheel
+has only the python backend, so the python-backend models are what is served; the
+onnxruntime-backend ones are parsed and checked, not served.
+
+The server's Python environment (numpy < 2, onnxruntime, nvidia-pytriton) is
+``$DMF_TRITON_ENV``, else ``.venv-triton`` in the checkout (what ``.ci/run`` makes), else
+this interpreter's. The tests skip only where the wheel cannot run (glibc < 2.35), or,
+outside CI, where no such environment is installed.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from dmf_export.contract import EPISODE_INPUTS, EpisodeSize, make_episode
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE = 32  # 4×4 features: the whole graph, cheaply (the python backend runs it on 2 cores)
+SIZES = [EpisodeSize(5, 1, 4), EpisodeSize(5, 5, 3), EpisodeSize(3, 2, 2), EpisodeSize(10, 1, 2),
+         EpisodeSize(2, 1, 1)]
+TIMEOUT = 60.0  # seconds any one request may take before a test calls it hung
+
+tritonclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] not installed "
+                                   "(pip install 'dmf-export[serve]')")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from dmf_export.errors import DMFExportError  # noqa: E402
+from dmf_export.serve import TritonServer, find_distribution, glibc_version  # noqa: E402
+from dmf_export.triton import EPISODE_MODEL, TritonRunner  # noqa: E402
+
+
+def _server_env() -> str | None:
+    if os.environ.get("DMF_TRITON_ENV"):
+        return os.environ["DMF_TRITON_ENV"]
+    local = ROOT / ".venv-triton"
+    return str(local) if local.is_dir() else None
+
+
+@pytest.fixture(scope="module")
+def server_env():
+    glibc = glibc_version()
+    if glibc is None or glibc < (2, 35):
+        pytest.skip(f"the nvidia-pytriton server needs glibc ≥ 2.35 (this machine: {glibc})")
+    env = _server_env()
+    try:
+        find_distribution(env)
+    except DMFExportError as err:
+        if os.environ.get("CI"):
+            raise  # CI installs the server environment: missing it is a failure, not a skip
+        pytest.skip(str(err))
+    return env
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from dmf_export.checkpoint import write_random_checkpoint
+
+    return write_random_checkpoint(tmp_path_factory.mktemp("triton") / "dmf.pth.tar",
+                                   groups=64, kernel=1, seed=3)
+
+
+@pytest.fixture(scope="module")
+def repo(checkpoint, tmp_path_factory):
+    from dmf_export.export import ExportOptions, export_checkpoint
+
+    path = tmp_path_factory.mktemp("repository") / "repo"
+    export_checkpoint(str(checkpoint), ExportOptions(format="triton", output=str(path), image_size=IMAGE,
+                                                     way=5, shot=1, queries=4))
+    return path
+
+
+@pytest.fixture(scope="module")
+def eager(checkpoint):
+    from dmf_export import load_checkpoint
+
+    model = load_checkpoint(checkpoint)
+    with torch.no_grad():
+        yield lambda *episode: model(*episode)
+
+
+@pytest.fixture(scope="module")
+def server(repo, server_env):
+    with TritonServer(repo, server_env=server_env) as running:
+        yield running
+
+
+def episode(size: EpisodeSize, seed: int = 0):
+    return make_episode(size, IMAGE, seed=seed)
+
+
+def assert_matches(scores, reference):
+    assert scores.shape == reference.shape
+    torch.testing.assert_close(scores, reference, rtol=1e-4, atol=1e-4)
+    assert torch.equal(scores.argmax(1), reference.argmax(1))
+
+
+def arrays(support, labels, query) -> dict[str, np.ndarray]:
+    return {name: t.numpy() for name, t in zip(EPISODE_INPUTS, (support, labels, query))}
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _stubs_under(pid: int) -> list[int]:
+    """The python backend stubs of the tritonserver that process ``pid`` started."""
+    from dmf_export.serve import group_members
+
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [member for child in children for member, name in group_members(int(child))
+            if name == "triton_python_backend_stub"]
+
+
+# ---------------------------------------------------------------- the repository itself
+
+def _onnx_dims(path: Path) -> dict[str, list[int]]:
+    """Each graph input/output's dims as the ONNX file declares them (symbolic → -1)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {value.name: [d.dim_value if d.HasField("dim_value") else -1
+                         for d in value.type.tensor_type.shape.dim]
+            for value in list(graph.input) + list(graph.output)}
+
+
+@pytest.mark.parametrize("model, platform, backend", [("dmf", "onnxruntime_onnx", ""),
+                                                      ("dmf_python", "", "python")])
+def test_config_parses_against_tritons_model_config_schema(repo, model, platform, backend):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as schema
+
+    config = text_format.Parse((repo / model / "config.pbtxt").read_text(), schema.ModelConfig())
+    assert (config.name, config.platform, config.backend) == (model, platform, backend)
+    assert config.max_batch_size == 0
+    declared = _onnx_dims(repo / model / "1" / "model.onnx")
+    assert [t.name for t in config.input] == list(EPISODE_INPUTS)
+    assert [t.name for t in config.output] == ["scores"]
+    for tensor in list(config.input) + list(config.output):
+        assert tensor.data_type == schema.TYPE_FP32
+        assert list(tensor.dims) == declared[tensor.name], tensor.name
+    assert [(g.kind, g.count) for g in config.instance_group] == [(schema.ModelInstanceGroup.KIND_CPU, 1)]
+    if backend == "python":
+        assert (repo / model / "1" / "model.py").is_file()
+        assert config.parameters["image_size"].string_value == str(IMAGE)
+
+
+@pytest.mark.parametrize("backend, platform, precision", [("pytorch", "pytorch_libtorch", "fp32"),
+                                                         ("tensorrt", "tensorrt_plan", "fp16")])
+def test_torchscript_and_tensorrt_configs_parse_and_name_the_graphs_tensors(backend, platform, precision):
+    import inspect
+
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as schema
+
+    from dmf_export.contract import ArtifactInfo
+    from dmf_export.deploy import EpisodeGraph
+    from dmf_export.triton import config_text
+
+    info = ArtifactInfo(format="torchscript" if backend == "pytorch" else "tensorrt", precision=precision)
+    text = config_text("dmf_x", "episode", info, 11, backend=backend, threads=2)
+    config = text_format.Parse(text, schema.ModelConfig())
+    assert (config.platform, config.max_batch_size) == (platform, 0)
+    # Triton's PyTorch backend binds inputs by the forward's argument names
+    arguments = list(inspect.signature(EpisodeGraph.forward).parameters)[1:]
+    assert [t.name for t in config.input] == arguments == ["support", "support_labels", "query"]
+    assert [list(t.dims) for t in config.input] == [[-1, 3, 84, 84], [-1, -1], [-1, 3, 84, 84]]
+    assert [(t.name, list(t.dims)) for t in config.output] == [("scores", [-1, -1])]
+    wanted_type = schema.TYPE_FP16 if precision == "fp16" else schema.TYPE_FP32
+    assert {t.data_type for t in list(config.input) + list(config.output)} == {wanted_type}
+    kind = schema.ModelInstanceGroup.KIND_GPU if backend == "tensorrt" else schema.ModelInstanceGroup.KIND_CPU
+    assert [g.kind for g in config.instance_group] == [kind]
+
+
+def test_export_refuses_an_existing_repository_and_leaves_it(repo, checkpoint):
+    from dmf_export.export import ExportOptions, export_checkpoint
+
+    before = sorted(p.relative_to(repo) for p in repo.rglob("*"))
+    with pytest.raises(DMFExportError, match="exists; pass --force"):
+        export_checkpoint(str(checkpoint), ExportOptions(format="triton", output=str(repo), image_size=IMAGE))
+    assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == before
+    assert not [p for p in repo.parent.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("what, needle", [("empty folder", "is not a Triton model repository"),
+                                          ("not an artifact", "cannot read it as a ONNX artifact")])
+def test_serve_refuses_what_it_cannot_serve_in_one_line(tmp_path, what, needle):
+    from cli_helpers import one_error_line, run_cli
+
+    target = tmp_path / "empty"
+    target.mkdir()
+    if what == "not an artifact":
+        target = tmp_path / "notes.onnx"
+        target.write_text("not a graph")
+    code, output = run_cli("serve", target)
+    assert code == 2 and needle in one_error_line(output)
+
+
+# ---------------------------------------------------------------- good requests
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("size", SIZES, ids=str)
+def test_served_scores_match_the_eager_model(server, eager, protocol, size):
+    support, labels, query = episode(size, seed=sum(vars(size).values()))
+    runner = TritonRunner(server, EPISODE_MODEL, protocol=protocol, timeout=TIMEOUT)
+    try:
+        assert_matches(runner(support, labels, query), eager(support, labels, query))
+    finally:
+        runner.close()
+
+
+def _success_count(server, model=EPISODE_MODEL, at_least: int = 0) -> int:
+    """The server's count of successful requests for ``model``; with ``at_least``, asked
+    again (up to 10 s) while lower: the server counts a request after sending its answer."""
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(server.url("http"))
+    deadline = time.monotonic() + 10
+    try:
+        while True:
+            stats = client.get_inference_statistics(model)["model_stats"][0]["inference_stats"]
+            count = stats["success"]["count"]
+            if count >= at_least or time.monotonic() > deadline:
+                return count
+            time.sleep(0.1)
+    finally:
+        client.close()
+
+
+def test_eight_concurrent_clients_all_answered_and_counted_by_the_server(server, eager):
+    clients, per_client = 8, 10
+    size = EpisodeSize(2, 1, 1)
+    episodes = [episode(size, seed=100 + i) for i in range(4)]
+    references = [eager(*e) for e in episodes]
+    before = _success_count(server)
+
+    def client(index):
+        runner = TritonRunner(server, EPISODE_MODEL, protocol=("http", "grpc")[index % 2],
+                              timeout=TIMEOUT)
+        try:
+            return [(k, runner(*episodes[k])) for k in ((index + i) % 4 for i in range(per_client))]
+        finally:
+            runner.close()
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(client, i) for i in range(clients)]
+        results = [f.result(timeout=120) for f in futures]
+    answered = [pair for result in results for pair in result]
+    assert len(answered) == clients * per_client
+    for k, scores in answered:
+        assert_matches(scores, references[k])
+    assert _success_count(server, at_least=before + clients * per_client) - before == clients * per_client
+
+
+# ---------------------------------------------------------------- bad requests
+
+def _labels_for_ten_classes(support, labels, query):
+    return support, torch.nn.functional.one_hot(torch.arange(5), 10).float(), query
+
+
+FAULTS = {
+    # name: (turn a good 5-way episode's arrays into the bad request, what the error says)
+    "wrong dtype": (lambda a: {**a, "support": a["support"].astype(np.float64)}, r"FP64|data.?type"),
+    "wrong rank": (lambda a: {**a, "query": a["query"][0]}, r"shape|dims"),
+    "missing input": (lambda a: {k: v for k, v in a.items() if k != "support_labels"},
+                      r"support_labels|expected 3 inputs"),
+    "labels for 10 classes, 5-way support": (
+        lambda a: arrays(*_labels_for_ten_classes(*(torch.from_numpy(a[n]) for n in EPISODE_INPUTS))),
+        r"10 classes but only 5"),
+    "oversized": (lambda a: {**a, "query": np.zeros((301, 3, IMAGE, IMAGE), np.float32)},
+                  r"queries = 301 is over .*max_queries = 300"),
+}
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_bad_request_gets_an_error_and_the_next_good_one_an_answer(server, eager, protocol, fault):
+    spoil, message = FAULTS[fault]
+    good = episode(EpisodeSize(5, 1, 2), seed=7)
+    runner = TritonRunner(server, EPISODE_MODEL, protocol=protocol, timeout=TIMEOUT)
+    try:
+        with pytest.raises(InferenceServerException) as error:
+            runner.infer(spoil(arrays(*good)))
+        assert re.search(message, error.value.message(), re.I), error.value.message()
+        assert_matches(runner(*good), eager(*good))
+    finally:
+        runner.close()
+
+
+# ---------------------------------------------------------------- the server's life
+
+def test_a_killed_stub_is_reported_not_hung_on_a_reload_recovers_and_stop_frees_all(
+        repo, server_env, eager):
+    import tritonclient.http as http
+
+    good = episode(EpisodeSize(2, 1, 1), seed=11)
+    # a short exit timeout: the dead instance's unload holds the server's exit for that long
+    with TritonServer(repo, server_env=server_env, exit_timeout=2) as server:
+        ports = list(server.ports.values())
+        assert not any(_port_is_free(p) for p in ports)
+        runner = TritonRunner(server, EPISODE_MODEL, timeout=TIMEOUT)
+        (stub,) = server.stub_pids()
+        os.kill(stub, signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(InferenceServerException, match="not healthy"):
+            runner(*good)
+        assert time.monotonic() - started < TIMEOUT
+        # explicit model control: an unload and a load start a new stub
+        control = http.InferenceServerClient(server.url("http"))
+        control.unload_model(EPISODE_MODEL)
+        deadline = time.monotonic() + TIMEOUT
+        while control.is_model_ready(EPISODE_MODEL) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        control.load_model(EPISODE_MODEL)
+        control.close()
+        assert_matches(runner(*good), eager(*good))
+        runner.close()
+        (new_stub,) = server.stub_pids()
+    survivors = [Path(f"/proc/{pid}/stat").read_text() for pid in (stub, new_stub, server.process.pid)
+                 if _alive(pid)]
+    assert not survivors, survivors
+    assert all(_port_is_free(p) for p in ports)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_serve_command_answers_then_stops_cleanly_on_a_signal(repo, server_env, eager, signum):
+    from dmf_export.serve import free_ports
+
+    http_port, grpc_port, metrics_port = free_ports(3)
+    command = [sys.executable, "-m", "dmf_export", "serve", str(repo), "--http-port", str(http_port),
+               "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)]
+    if server_env:
+        command += ["--server-env", server_env]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               cwd=ROOT)
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("Ctrl-C"):
+                break
+        output = "".join(lines)
+        assert f"127.0.0.1:{grpc_port}" in output and "skipped dmf " in output, output
+        good = episode(EpisodeSize(2, 1, 1), seed=12)
+        runner = TritonRunner(f"127.0.0.1:{grpc_port}", EPISODE_MODEL, protocol="grpc", timeout=TIMEOUT)
+        assert_matches(runner(*good), eager(*good))
+        runner.close()
+        stubs = _stubs_under(process.pid)
+        process.send_signal(signum)
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert stubs and not any(_alive(pid) for pid in stubs)
+    assert all(_port_is_free(p) for p in (http_port, grpc_port, metrics_port))
