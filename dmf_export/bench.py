@@ -99,6 +99,7 @@ def _measure(candidate: _Candidate, size: EpisodeSize, image_size: int,
         torch.backends.cuda.matmul.allow_tf32 = settings.tf32
     support, labels, query = make_episode(size, image_size, seed=0, device=device)
     images = torch.cat([support, query])
+    runner = None
     if candidate.kind in ("eager", "backbone"):
         model = load_checkpoint(candidate.checkpoint).to(device)
         fn = (lambda: model(support, labels, query)) if candidate.kind == "eager" else (lambda: model.base(images))
@@ -111,9 +112,13 @@ def _measure(candidate: _Candidate, size: EpisodeSize, image_size: int,
     loaded = _status_mb("VmRSS")
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    with torch.inference_mode():
-        times = time_episode(fn, settings.repeats, warmup=3 if device.startswith("cuda") else 1,
-                             device=device)
+    try:
+        with torch.inference_mode():
+            times = time_episode(fn, settings.repeats, warmup=3 if device.startswith("cuda") else 1,
+                                 device=device)
+    finally:
+        if runner is not None:
+            runner.close()  # a Triton server: the pool ends this process without atexit
     peak = _status_mb("VmHWM")
     extra = max(peak - loaded, 0.0) if peak is not None and loaded is not None else None
     gpu = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
