@@ -89,16 +89,19 @@ def verify_artifact(artifact: str, checkpoint: str, *, provider: str = "cpu", de
             # the export-time size, capped so the eager original stays quick on a CPU
             sizes.insert(0, EpisodeSize(example.way, example.shot, min(example.queries, 15)))
     results = []
-    for i, size in enumerate(unique(sizes)):
-        support, labels, query = make_episode(size, info.image_size, seed=seed + i)
-        with torch.inference_mode():
-            expected = model(support, labels, query, method=info.solver, steps=info.steps)
-        scores = runner(support, labels, query)
-        result = compare(scores, expected, tol, str(size))
-        log(f"  {size}: max abs {result.max_abs:.2e}, max rel {result.max_rel:.2e}, "
-            f"agreement {result.agreement:.0%}{describe_ties(result.near_ties)} "
-            f"{'ok' if result.passed else 'FAIL'}")
-        results.append(result)
+    try:
+        for i, size in enumerate(unique(sizes)):
+            support, labels, query = make_episode(size, info.image_size, seed=seed + i)
+            with torch.inference_mode():
+                expected = model(support, labels, query, method=info.solver, steps=info.steps)
+            scores = runner(support, labels, query)
+            result = compare(scores, expected, tol, str(size))
+            log(f"  {size}: max abs {result.max_abs:.2e}, max rel {result.max_rel:.2e}, "
+                f"agreement {result.agreement:.0%}{describe_ties(result.near_ties)} "
+                f"{'ok' if result.passed else 'FAIL'}")
+            results.append(result)
+    finally:
+        runner.close()
     return Report(str(artifact), runner.backend, info.precision, tol, results)
 
 
