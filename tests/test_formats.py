@@ -306,3 +306,12 @@ def test_fp16_inputs_to_an_fp32_artifact_give_the_fp32_scores(exported, eager):
     scores = formats.open_artifact(path)(*half)
     assert scores.dtype == torch.float32
     torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_an_installed_wheel_carries_every_subpackage():
+    """pyproject lists packages by hand: a new folder of modules must be in the list."""
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert found <= listed, f"not in pyproject's packages: {sorted(found - listed)}"
