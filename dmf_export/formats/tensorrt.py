@@ -23,7 +23,7 @@ from typing import Callable
 
 from dmf_export.contract import EPISODE_INPUTS, EPISODE_OUTPUTS, ArtifactInfo, EpisodeSize
 from dmf_export.errors import DMFExportError
-from dmf_export.formats.base import Format, Runner, RunOptions, Written
+from dmf_export.formats.base import Format, Runner, RunOptions, Staging, Written
 from dmf_export.formats.onnx import write_onnx
 
 INFO_SUFFIX = ".json"  # x.engine → x.engine.json
@@ -180,15 +180,6 @@ def _default_timing_cache(trt) -> Path:
     return base / "tensorrt" / f"timing-{trt.__version__}.cache"
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def build_engine(onnx_path: Path, plugin_library: Path, profile_shapes: dict, *, strongly_typed: bool = True,
                  workspace_gib: float | None = None, timing_cache: Path | None = None,
                  log: Callable[[str], None] = lambda _: None) -> bytes:
@@ -241,7 +232,8 @@ def build_engine(onnx_path: Path, plugin_library: Path, profile_shapes: dict, *,
     log(f"built the engine in {time.perf_counter() - start:.0f} s")
     if cache is not None:
         timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(timing_cache, bytes(config.get_timing_cache().serialize()))
+        with Staging([timing_cache], force=True) as staging:  # a reader never sees half a cache
+            staging.temp(timing_cache).write_bytes(bytes(config.get_timing_cache().serialize()))
     return bytes(serialized)
 
 
