@@ -210,7 +210,7 @@ def _run_verify(artifact, checkpoint, as_json=False, **kwargs) -> bool:
 
 
 @main.command()
-@click.argument("artifact", type=click.Path(dir_okay=False))
+@click.argument("artifact", type=click.Path())
 @click.option("--checkpoint", "-c", required=True, type=click.Path(dir_okay=False),
               help="The checkpoint the artifact was exported from.")
 @click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]),
@@ -244,7 +244,7 @@ def verify(artifact, checkpoint, provider, device, sizes, seed, rtol, atol, cuda
 
 
 @main.command()
-@click.argument("artifacts", nargs=-1, type=click.Path(dir_okay=False))
+@click.argument("artifacts", nargs=-1, type=click.Path())
 @click.option("--checkpoint", "-c", required=True, type=click.Path(dir_okay=False),
               help="The checkpoint (the eager original is timed from it).")
 @click.option("--sizes", default="5w1s75q", show_default=True, help="Episode sizes, comma-separated.")
@@ -380,7 +380,7 @@ def _runner_options(fn):
 
 
 @main.command()
-@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("models", nargs=-1, required=True, type=click.Path())
 @click.option("--data", "data_root", required=True, type=click.Path(file_okay=False),
               help="Dataset root: the miniImageNet pickles, or {train,val,test}/<class>/<image>.")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]),
@@ -442,7 +442,7 @@ def evaluate(models, data_root, split, episodes, way, shot, queries_per_class, l
 
 
 @main.command()
-@click.argument("artifact", type=click.Path(dir_okay=False))
+@click.argument("artifact", type=click.Path())
 @click.argument("queries", nargs=-1, required=True, type=click.Path())
 @click.option("--support", "support_dir", required=True, type=click.Path(file_okay=False),
               help="Support folder: DIR/<class>/<images>, any number of images per class.")

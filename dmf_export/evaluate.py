@@ -78,7 +78,7 @@ def open_model(path, *, provider: str = "cpu", device: str = "cpu", threads: int
     a checkpoint runs eagerly, anything else is an artifact (a split export: its encoder).
     ``threads``: torch's intra-op threads (eager, TorchScript) and onnxruntime's."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():  # a Triton repository is a folder; the registry says what else is wrong
         raise DMFExportError(f"{path}: no such file")
     if threads:
         torch.set_num_threads(threads)

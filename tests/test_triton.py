@@ -379,3 +379,12 @@ def test_serve_command_answers_then_stops_cleanly_on_a_signal(repo, server_env, 
             process.wait()
     assert stubs and not any(_alive(pid) for pid in stubs)
     assert all(_port_is_free(p) for p in (http_port, grpc_port, metrics_port))
+
+
+def test_verify_runs_a_repository_through_a_server_it_starts_and_stops(repo, checkpoint, server_env):
+    from cli_helpers import run_cli
+
+    code, output = run_cli("verify", repo, "-c", checkpoint, "--sizes", "3w1s2q,1w1s1q")
+    assert code == 0 and "PASS: triton fp32, 2 episode sizes" in output, output
+    assert not subprocess.run(["pgrep", "-f", str(repo)], capture_output=True).stdout  # no server left
+
