@@ -1,7 +1,10 @@
-"""The one place that knows the artifacts' I/O contract (CONTRACT.md).
+"""The one place that knows the artifacts' I/O contract (docs/artifacts.md).
 
-Input and output names, which axes are dynamic, the metadata every artifact carries,
-the seeded episodes that ``verify`` and ``bench`` feed, and the default tolerances.
+Input and output names, their dims and which axes are dynamic, the backbone's feature
+size and channels, the metadata every artifact carries, the seeded episodes that
+``verify`` and ``bench`` feed, the default tolerances and the episode checks. It imports
+nothing of the project but its errors: the model, the exporters and the Triton writer
+all read it.
 """
 from __future__ import annotations
 
@@ -13,7 +16,6 @@ from typing import Iterable
 import torch
 
 from dmf_export.errors import DMFExportError
-from dmf_export.models.dmf import FEATURE_CHANNELS  # noqa: F401  (features are [N, 640, h, w])
 
 EPISODE_INPUTS = ("support", "support_labels", "query")
 EPISODE_OUTPUTS = ("scores",)
@@ -21,8 +23,51 @@ ENCODER_INPUTS = ("images",)
 ENCODER_OUTPUTS = ("features",)
 HEAD_INPUTS = ("support_features", "support_labels", "query_features")
 HEAD_OUTPUTS = ("scores",)
+GRAPH_IO = {"episode": (EPISODE_INPUTS, EPISODE_OUTPUTS), "encoder": (ENCODER_INPUTS, ENCODER_OUTPUTS),
+            "head": (HEAD_INPUTS, HEAD_OUTPUTS)}
 
 DEFAULT_IMAGE_SIZE = 84
+IMAGE_CHANNELS = 3
+FEATURE_CHANNELS = 640  # the ResNet-12 backbone's last block
+POOLINGS = 3            # the backbone's max-pools that reach the features (ceil mode)
+
+# Every tensor's dims, in order: a number, "H" (the image size), "h" (the feature size),
+# or the name of a dynamic axis (S support images, way classes, Q queries, N images).
+# Axes with one name are one size across a graph's tensors.
+DYNAMIC_AXES = ("S", "way", "Q", "N")
+_IMAGES = ("N", IMAGE_CHANNELS, "H", "H")
+TENSORS = {
+    "episode": {"support": ("S", IMAGE_CHANNELS, "H", "H"), "support_labels": ("S", "way"),
+                "query": ("Q", IMAGE_CHANNELS, "H", "H"), "scores": ("Q", "way")},
+    "encoder": {"images": _IMAGES, "features": ("N", FEATURE_CHANNELS, "h", "h")},
+    "head": {"support_features": ("S", FEATURE_CHANNELS, "h", "h"), "support_labels": ("S", "way"),
+             "query_features": ("Q", FEATURE_CHANNELS, "h", "h"), "scores": ("Q", "way")},
+}
+
+
+def feature_size(image_size: int) -> int:
+    """The features' height and width for ``image_size`` images (84 → 11)."""
+    size = image_size
+    for _ in range(POOLINGS):
+        size = -(-size // 2)
+    return size
+
+
+def tensor_dims(graph: str, image_size: int = DEFAULT_IMAGE_SIZE) -> dict[str, list[int]]:
+    """{tensor name: dims} of ``graph``'s inputs and outputs, -1 where dynamic (as
+    Triton's config.pbtxt and TensorRT's shapes write them)."""
+    sizes = {"H": image_size, "h": feature_size(image_size)}
+    return {name: [-1 if d in DYNAMIC_AXES else sizes.get(d, d) for d in dims]
+            for name, dims in TENSORS[graph].items()}
+
+
+def dynamic_axes(graph: str) -> dict[str, dict[int, str]]:
+    """{input name: {axis: dynamic axis name}} of ``graph``'s inputs (what torch.export's
+    dynamic shapes and ONNX's dynamic axes say)."""
+    inputs = GRAPH_IO[graph][0]
+    return {name: {axis: d for axis, d in enumerate(TENSORS[graph][name]) if d in DYNAMIC_AXES}
+            for name in inputs}
+
 METADATA_KEY = "dmf_export"  # ONNX metadata_props key / TorchScript extra file name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -110,7 +155,6 @@ class ArtifactInfo:
 
 # -- inputs the original would turn into garbage ------------------------------------------
 
-IMAGE_CHANNELS = 3
 _LARGEST = {name: torch.finfo(dtype).max for name, dtype in
             (("fp16", torch.float16), ("fp32", torch.float32), ("fp64", torch.float64))}
 

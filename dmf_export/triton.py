@@ -26,10 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dmf_export.contract import (
-    ENCODER_INPUTS, ENCODER_OUTPUTS, EPISODE_INPUTS, EPISODE_OUTPUTS, FEATURE_CHANNELS,
-    HEAD_INPUTS, HEAD_OUTPUTS, ArtifactInfo,
-)
+from dmf_export.contract import EPISODE_INPUTS, EPISODE_OUTPUTS, GRAPH_IO, ArtifactInfo, tensor_dims
 from dmf_export.errors import DMFExportError
 
 MODEL_NAMES = {"episode": "dmf", "encoder": "dmf_encoder", "head": "dmf_head"}
@@ -41,22 +38,6 @@ _NUMPY_TYPE = {"fp32": np.float32, "fp16": np.float16}
 # the episode bounds the python-backend model enforces unless told otherwise: 20-way,
 # 20-shot, 300 queries is beyond the test protocol (5-way, 1/5-shot, 75 queries)
 DEFAULT_BOUNDS = {"way": 20, "shot": 20, "queries": 300}
-
-
-def tensor_dims(graph: str, image_size: int, features_hw: int) -> dict[str, list[int]]:
-    """Each input's and output's dims for config.pbtxt; -1 where the contract is dynamic."""
-    images = [-1, 3, image_size, image_size]
-    features = [-1, FEATURE_CHANNELS, features_hw, features_hw]
-    if graph == "episode":
-        return {"support": images, "support_labels": [-1, -1], "query": images, "scores": [-1, -1]}
-    if graph == "encoder":
-        return {"images": images, "features": features}
-    return {"support_features": features, "support_labels": [-1, -1],
-            "query_features": features, "scores": [-1, -1]}
-
-
-_IO = {"episode": (EPISODE_INPUTS, EPISODE_OUTPUTS), "encoder": (ENCODER_INPUTS, ENCODER_OUTPUTS),
-       "head": (HEAD_INPUTS, HEAD_OUTPUTS)}
 
 
 def _tensors(names, dims, data_type) -> str:
@@ -82,15 +63,15 @@ _FORMAT_BACKENDS = {"onnx": ("onnxruntime", "python"), "torchscript": ("pytorch"
                     "tensorrt": ("tensorrt",)}
 
 
-def config_text(name: str, graph: str, info: ArtifactInfo, features_hw: int, *,
+def config_text(name: str, graph: str, info: ArtifactInfo, *,
                 backend: str = "onnxruntime", instances: int = 1, threads: int | None = None,
                 bounds: dict[str, int] | None = None) -> str:
     """config.pbtxt of one model (``backend`` a key of ``BACKENDS``). Whole-episode tensors,
     so ``max_batch_size: 0`` and full shapes. The tensor names are the contract's: for
     TorchScript they are the forward's argument names, which Triton's PyTorch backend
     binds by; a TensorRT engine's bindings carry the ONNX names."""
-    inputs, outputs = _IO[graph]
-    dims = tensor_dims(graph, info.image_size, features_hw)
+    inputs, outputs = GRAPH_IO[graph]
+    dims = tensor_dims(graph, info.image_size)
     data_type = _TRITON_TYPE[info.precision]
     first_line, _, _, kind = BACKENDS[backend]
     head = f'name: "{name}"\n{first_line}\nmax_batch_size: 0\n'
@@ -108,12 +89,6 @@ def config_text(name: str, graph: str, info: ArtifactInfo, features_hw: int, *,
         if threads:
             parameters["intra_op_threads"] = threads
     return head + body + _parameters(parameters)
-
-
-def _features_hw(image_size: int) -> int:
-    from dmf_export.formats._trace import feature_size  # the backbone's arithmetic, in one place
-
-    return feature_size(image_size)
 
 
 def _write_model(folder: Path, config: str, artifact: Path, backend: str) -> None:
@@ -176,7 +151,7 @@ def write_repository(repo: Path, artifacts, *, force: bool = False, instances: i
         tmp = staging.temp(repo)
         tmp.mkdir()
         for name, (path, info, backend) in planned.items():
-            config = config_text(name, info.graph, info, _features_hw(info.image_size), backend=backend,
+            config = config_text(name, info.graph, info, backend=backend,
                                  instances=instances, threads=threads, bounds=bounds)
             _write_model(tmp / name, config, path, backend)
             models[name] = repo / name

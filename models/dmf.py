@@ -13,11 +13,11 @@ from torch import nn
 from torchdiffeq import odeint
 
 from dmf_export import ops
+from dmf_export.contract import FEATURE_CHANNELS, HEAD_INPUTS, check_episode
 from dmf_export.errors import DMFExportError
 
 from .resnet12 import ResNet12
 
-FEATURE_CHANNELS = 640
 OFFSET_KERNEL = 5
 DEFORM_KERNEL = 3
 
@@ -187,8 +187,6 @@ class DMF(nn.Module):
     # -- input checks --------------------------------------------------------------
 
     def _check_episode(self, support, support_labels, query) -> None:
-        from dmf_export.contract import check_episode  # (contract imports this module)
-
         check_episode(support, support_labels, query, image_size=None,
                       precision=self._precision())
         if support.dtype != query.dtype:
@@ -201,8 +199,6 @@ class DMF(nn.Module):
                 f"convert one of them (e.g. model.to({support.dtype}))")
 
     def _check_features(self, support_features, support_labels, query_features) -> None:
-        from dmf_export.contract import HEAD_INPUTS, check_episode
-
         check_episode(support_features, support_labels, query_features, image_size=None,
                       precision=self._precision(), channels=FEATURE_CHANNELS, names=HEAD_INPUTS)
 

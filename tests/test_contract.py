@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dmf_export.contract import HEAD_INPUTS, check_episode, check_images
+from dmf_export.contract import (
+    HEAD_INPUTS, check_episode, check_images, dynamic_axes, feature_size, tensor_dims,
+)
 from dmf_export.errors import DMFExportError
 
 SIZE = 8  # hand-made episodes: 8×8 images are enough for every check
@@ -211,3 +213,23 @@ def test_what_the_checks_spare_the_user(dmf_state_dict):
     assert dmf_reference(state, support, no_support, query, 64, 1)[0, 2].isnan()
     refused(support, no_support, query, image_size=16)
     assert dmf_reference(state, support, labels, query, 64, 1).isfinite().all()
+
+
+def test_feature_size_is_three_ceil_mode_halvings():
+    # 84 → 42 → 21 → 11; 32 → 16 → 8 → 4; 85 → 43 → 22 → 11; 1 stays 1
+    assert [feature_size(s) for s in (84, 32, 85, 1)] == [11, 4, 11, 1]
+
+
+def test_tensor_dims_mark_the_dynamic_axes_and_fill_in_the_sizes():
+    assert tensor_dims("episode", 84) == {"support": [-1, 3, 84, 84], "support_labels": [-1, -1],
+                                          "query": [-1, 3, 84, 84], "scores": [-1, -1]}
+    assert tensor_dims("encoder", 32) == {"images": [-1, 3, 32, 32], "features": [-1, 640, 4, 4]}
+    assert tensor_dims("head", 84)["query_features"] == [-1, 640, 11, 11]
+
+
+def test_dynamic_axes_share_names_across_a_graphs_inputs():
+    assert dynamic_axes("episode") == {"support": {0: "S"}, "support_labels": {0: "S", 1: "way"},
+                                       "query": {0: "Q"}}
+    assert dynamic_axes("encoder") == {"images": {0: "N"}}
+    assert dynamic_axes("head") == {"support_features": {0: "S"}, "support_labels": {0: "S", 1: "way"},
+                                    "query_features": {0: "Q"}}

@@ -183,7 +183,7 @@ def test_torchscript_and_tensorrt_configs_parse_and_name_the_graphs_tensors(back
     from dmf_export.triton import config_text
 
     info = ArtifactInfo(format="torchscript" if backend == "pytorch" else "tensorrt", precision=precision)
-    text = config_text("dmf_x", "episode", info, 11, backend=backend, threads=2)
+    text = config_text("dmf_x", "episode", info, backend=backend, threads=2)
     config = text_format.Parse(text, schema.ModelConfig())
     assert (config.platform, config.max_batch_size) == (platform, 0)
     # Triton's PyTorch backend binds inputs by the forward's argument names

@@ -9,16 +9,9 @@ import warnings
 
 import torch
 
-from dmf_export.contract import (
-    ENCODER_INPUTS, ENCODER_OUTPUTS, EPISODE_INPUTS, EPISODE_OUTPUTS, FEATURE_CHANNELS,
-    HEAD_INPUTS, HEAD_OUTPUTS, EpisodeSize, make_episode,
-)
+from torch.export import Dim
 
-NAMES = {
-    "episode": (EPISODE_INPUTS, EPISODE_OUTPUTS),
-    "encoder": (ENCODER_INPUTS, ENCODER_OUTPUTS),
-    "head": (HEAD_INPUTS, HEAD_OUTPUTS),
-}
+from dmf_export.contract import FEATURE_CHANNELS, EpisodeSize, dynamic_axes, feature_size, make_episode
 
 
 def trace_size(opts) -> EpisodeSize:
@@ -26,13 +19,6 @@ def trace_size(opts) -> EpisodeSize:
     # keeps every episode axis dynamic (S = way·shot ≥ 2 follows). The graph is the same
     # for every size.
     return EpisodeSize(max(opts.way, 2), opts.shot, max(opts.queries, 2))
-
-
-def feature_size(image_size: int) -> int:
-    size = image_size
-    for _ in range(3):  # three max-pools with ceil_mode
-        size = -(-size // 2)
-    return size
 
 
 def example_inputs(graph: str, opts, dtype: torch.dtype, device="cpu") -> tuple:
@@ -49,15 +35,10 @@ def example_inputs(graph: str, opts, dtype: torch.dtype, device="cpu") -> tuple:
 
 
 def dynamic_shapes(graph: str) -> dict:
-    from torch.export import Dim
-
-    support, way, query = Dim("S", min=1), Dim("way", min=1), Dim("Q", min=1)
-    if graph == "episode":
-        return {"support": {0: support}, "support_labels": {0: support, 1: way}, "query": {0: query}}
-    if graph == "encoder":
-        return {"images": {0: Dim("N", min=1)}}
-    return {"support_features": {0: support}, "support_labels": {0: support, 1: way},
-            "query_features": {0: query}}
+    """torch.export's dynamic shapes for ``graph``: one ``Dim`` per axis name of the contract."""
+    dims: dict[str, Dim] = {}
+    return {name: {axis: dims.setdefault(d, Dim(d, min=1)) for axis, d in axes.items()}
+            for name, axes in dynamic_axes(graph).items()}
 
 
 def quiet():

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from dmf_export._version import __version__
-from dmf_export.contract import METADATA_KEY, ArtifactInfo
+from dmf_export.contract import GRAPH_IO, METADATA_KEY, ArtifactInfo
 from dmf_export.errors import DMFExportError
 from dmf_export.formats import _trace
 from dmf_export.formats.base import Format, Runner, RunOptions, split_partner
@@ -27,7 +27,7 @@ def write_onnx(job, graph: str, path: Path, flavor: str, fmt: str = "onnx") -> N
     from dmf_export.onnx_ops import translation_table
 
     opts = job.opts
-    inputs, outputs = _trace.NAMES[graph]
+    inputs, outputs = GRAPH_IO[graph]
     example = _trace.example_inputs(graph, opts, job.dtype)
     with _trace.quiet():
         program = torch.onnx.export(
@@ -100,7 +100,7 @@ class Onnx(Format):
         graphs = {}
         for graph, file in files.items():
             session = ort.InferenceSession(str(file), options, providers=providers)
-            graphs[graph] = _session_fn(session, _trace.NAMES[graph][0], np_dtype)
+            graphs[graph] = _session_fn(session, GRAPH_IO[graph][0], np_dtype)
         return Runner(path, info, "onnxruntime", graphs)
 
 
