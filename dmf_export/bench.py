@@ -8,6 +8,7 @@ measured against.
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import statistics
 import time
 from pathlib import Path
@@ -15,7 +16,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from dmf_export import formats
+from dmf_export.checkpoint import load_checkpoint
 from dmf_export.contract import EpisodeSize, make_episode
+from dmf_export.formats._torch import check_device
 
 
 @dataclasses.dataclass
@@ -86,10 +90,6 @@ def _measure(candidate: _Candidate, size: EpisodeSize, image_size: int,
     """Runs in a fresh process: load, make the seeded episode, then time it; peak memory
     is the process's high-water mark above what it held once loaded (Linux; else None).
     On a GPU every candidate gets cuDNN's autotuner and the same TF32 setting."""
-    import dmf_export.ops  # noqa: F401  (registers the op in this process)
-    from dmf_export.checkpoint import load_checkpoint
-    from dmf_export.formats import open_artifact
-
     device, threads = settings.device, settings.threads
     if threads:
         torch.set_num_threads(threads)
@@ -105,7 +105,7 @@ def _measure(candidate: _Candidate, size: EpisodeSize, image_size: int,
         fn = (lambda: model(support, labels, query)) if candidate.kind == "eager" else (lambda: model.base(images))
     else:
         flags = candidate.run_flags
-        runner = open_artifact(candidate.path, provider=settings.provider, device=device, threads=threads,
+        runner = formats.open_artifact(candidate.path, provider=settings.provider, device=device, threads=threads,
                                cuda_graph=settings.cuda_graph and "cuda_graph" in flags,
                                tf32=settings.tf32 and "tf32" in flags)
         fn = (lambda: runner.encode(images)) if candidate.kind == "encoder" else (lambda: runner(support, labels, query))
@@ -135,11 +135,6 @@ def bench(checkpoint: str, artifacts: Sequence[str], sizes: Sequence[EpisodeSize
     ``cuda_graph``: TorchScript artifacts replay a captured CUDA graph (``device`` cuda).
     ``tf32``: on a GPU, let fp32 convolutions and matmuls use TF32, for the eager model
     and the artifacts alike (off: IEEE fp32 everywhere, as the 1e-4 parity assumes)."""
-    import multiprocessing
-
-    from dmf_export import formats
-    from dmf_export.formats._torch import check_device
-
     infos = {str(a): formats.read_info(a) for a in artifacts}
     if image_size is None:
         image_size = next(iter(infos.values())).image_size if infos else 84

@@ -1,13 +1,28 @@
-"""The ``dmf-export`` command line."""
+"""The ``dmf-export`` command line: parsing and printing only; the work is in the modules
+it imports."""
 from __future__ import annotations
 
+import csv
+import dataclasses
 import json
 import sys
+import tempfile
+from pathlib import Path
 
 import click
+import torch
 
-from dmf_export import formats
+from dmf_export import formats, ops
+from dmf_export.bench import bench as run_bench
+from dmf_export.checkpoint import inspect_checkpoint
+from dmf_export.contract import parse_sizes
+from dmf_export.demo import run_demo
 from dmf_export.errors import DMFExportError
+from dmf_export.evaluate import evaluate as run_evaluate
+from dmf_export.evaluate import predict as run_predict
+from dmf_export.export import SOLVERS, ExportOptions, export_checkpoint, format_options
+from dmf_export.formats.base import Option
+from dmf_export.verify import describe_ties, verify_artifact
 
 
 class _Group(click.Group):
@@ -47,8 +62,6 @@ def main(ctx, debug):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def inspect(checkpoint, as_json):
     """Read CHECKPOINT safely (no pickle code runs) and say what it is."""
-    from dmf_export.checkpoint import inspect_checkpoint
-
     info = inspect_checkpoint(checkpoint)
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -66,6 +79,52 @@ def inspect(checkpoint, as_json):
 
 def _log(message: str) -> None:
     click.echo(message, err=True)
+
+
+# -- options several commands share, declared once ---------------------------------------
+
+_provider_option = click.option(
+    "--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]),
+    help="onnxruntime execution provider (ONNX artifacts).")
+_device_option = click.option(
+    "--device", default="cpu", show_default=True,
+    help="torch device for the eager model and TorchScript/AOTInductor artifacts (cpu, cuda, cuda:1).")
+_threads_option = click.option("--threads", type=click.IntRange(min=1),
+                               help="CPU threads for torch and onnxruntime.")
+_checkpoint_option = click.option("--checkpoint", "-c", required=True, type=click.Path(dir_okay=False),
+                                  help="The checkpoint the artifacts were exported from (the eager original).")
+_cuda_graph_option = click.option("--cuda-graph", is_flag=True,
+                                  help="TorchScript/AOTInductor on a GPU: replay each episode from a captured CUDA graph.")
+_tf32_option = click.option("--tf32", is_flag=True,
+                            help="On a GPU, let fp32 convolutions use TF32 (~5e-3 from the original). Off: IEEE fp32.")
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+
+
+def _sizes_option(default: str | None, help: str):
+    def parse(ctx, param, value):
+        try:
+            return parse_sizes(value) if value else None
+        except ValueError as err:
+            raise click.BadParameter(str(err)) from err
+
+    return click.option("--sizes", default=default, show_default=bool(default), callback=parse, help=help)
+
+
+def _format_option(option: Option):
+    """The export command's flag for an option a format declares (``Format.options``)."""
+    types = {"int": click.IntRange(min=option.minimum), "text": str, "list": str,
+             "number": click.FloatRange(min=option.minimum, min_open=option.open_minimum),
+             "choice": click.Choice(option.choices), "file": click.Path(dir_okay=False, exists=True),
+             "new-file": click.Path(dir_okay=False), "folder": click.Path(file_okay=False)}
+    default = ",".join(option.default) if option.kind == "list" else option.default
+    return click.option(option.flag, option.name, default=default, show_default=default is not None,
+                        type=types[option.kind], help=option.help)
+
+
+def _format_options(fn):
+    for option in reversed(list(format_options().values())):
+        fn = _format_option(option)(fn)
+    return fn
 
 
 def _episode_options(way=5, shot=1, queries=75):
@@ -86,47 +145,23 @@ def _episode_options(way=5, shot=1, queries=75):
               type=click.Choice(formats.names()), help="Artifact to write.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Output path (default: beside the checkpoint, named after it).")
-@click.option("--solver", default="rk4", show_default=True,
-              type=click.Choice(["euler", "midpoint", "heun2", "heun3", "rk4"]),
+@click.option("--solver", default="rk4", show_default=True, type=click.Choice(SOLVERS),
               help="Fixed-step ODE method the alignment is unrolled with (rk4 = the original).")
 @click.option("--steps", default=1, show_default=True, type=click.IntRange(min=1),
               help="Equal steps over t ∈ [0, 1] (1 = the original).")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]))
 @click.option("--graph", default="episode", show_default=True, type=click.Choice(["episode", "split"]),
               help="One episode graph, or an encoder and a head (encode a support set once).")
-@click.option("--onnx-flavor", default="standard", show_default=True, type=click.Choice(["standard", "plugin"]),
-              help="standard: ONNX DeformConv (stock onnxruntime); plugin: the TensorRT plugin's node.")
 @click.option("--groups", type=click.IntRange(min=1), help="Override the groups inferred from the weights.")
 @click.option("--kernel", type=click.Choice(["1", "3"]), help="Override the kernel inferred from the weights.")
 @_episode_options()
 @click.option("--image-size", default=84, show_default=True, type=click.IntRange(min=8),
               help="Input height and width.")
-@click.option("--opset", default=19, show_default=True, type=click.IntRange(min=19), help="ONNX opset.")
-@click.option("--device", default="cpu", show_default=True,
-              help="aoti: the device the package is compiled for and runs on (cpu, cuda).")
-@click.option("--variants", default="onnx", show_default=True,
-              help="triton: the artifact formats the repository holds, comma-separated "
-                   "(onnx, torchscript, tensorrt; onnx serves the onnxruntime and python backends).")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--verify/--no-verify", "run_verify", default=True, show_default=True,
               help="Check the artifact against the eager model after writing it.")
-@click.option("--max-way", type=click.IntRange(min=1),
-              help="TensorRT: most classes the engine accepts (default max(--way, 10)).")
-@click.option("--max-shot", type=click.IntRange(min=1),
-              help="TensorRT: most support images per class (default max(--shot, 5)).")
-@click.option("--max-queries", type=click.IntRange(min=1),
-              help="TensorRT: most queries per episode (default max(--queries, 75)).")
-@click.option("--plugin", "plugin", type=click.Path(dir_okay=False, exists=True),
-              help="TensorRT: the plugin library to use (default: build it, see build-plugin).")
-@click.option("--tensorrt-root", type=click.Path(file_okay=False),
-              help="TensorRT: headers for building the plugin (default $TENSORRT_ROOT, then system paths).")
-@click.option("--workspace", type=click.FloatRange(min=0, min_open=True),
-              help="TensorRT: builder workspace limit in GiB (default: TensorRT's).")
-@click.option("--timing-cache", type=click.Path(dir_okay=False),
-              help="TensorRT: timing cache file, read and updated (default: one in ~/.cache/dmf_export).")
-def export(checkpoint, fmt, output, solver, steps, precision, graph, onnx_flavor, groups, kernel,
-           way, shot, queries, image_size, opset, device, variants, force, run_verify, max_way, max_shot, max_queries,
-           plugin, tensorrt_root, workspace, timing_cache):
+@_format_options
+def export(checkpoint, fmt, output, kernel, run_verify, **options):
     """Export CHECKPOINT as a TorchScript, ONNX, AOTInductor or TensorRT artifact, or a
     Triton Inference Server model repository.
 
@@ -141,57 +176,24 @@ def export(checkpoint, fmt, output, solver, steps, precision, graph, onnx_flavor
       dmf-export export model.pth.tar -f triton -o repo  # a Triton model repository
       dmf-export export model.pth.tar -f tensorrt --precision fp16 --max-queries 100
     """
-    from dmf_export.export import ExportOptions, export_checkpoint
-
-    opts = ExportOptions(format=fmt, output=output, solver=solver, steps=steps, precision=precision,
-                         graph=graph, onnx_flavor=onnx_flavor, groups=groups,
-                         kernel=int(kernel) if kernel else None, way=way, shot=shot, queries=queries,
-                         image_size=image_size, opset=opset, device=device,
-                         variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
-                         force=force, max_way=max_way,
-                         max_shot=max_shot, max_queries=max_queries, plugin=plugin,
-                         tensorrt_root=tensorrt_root, workspace=workspace, timing_cache=timing_cache)
+    for name, option in format_options().items():
+        if option.kind == "list":
+            options[name] = tuple(v.strip() for v in options[name].split(",") if v.strip())
+    opts = ExportOptions(format=fmt, output=output, kernel=int(kernel) if kernel else None, **options)
     written = export_checkpoint(checkpoint, opts, log=_log)
     for item in written:
         click.echo(f"wrote {item.path} ({item.size_mb:.1f} MB, {item.seconds:.1f} s)")
     if not run_verify:
         return
-    cannot_run = formats.get(fmt).unavailable(device)
+    cannot_run, run = formats.get(fmt).verification(opts)
     if cannot_run:
         _log(f"skipping verify: {cannot_run}")
         return
-    if fmt == "onnx" and onnx_flavor == "plugin":
-        _log("skipping verify: the plugin-flavour graph runs in TensorRT (export --format tensorrt)")
-        return
-    if precision == "fp16" and not _gpu_available():
-        _log("skipping verify: fp16 artifacts run on a GPU; none here (verify it where one is)")
-        return
-    if precision == "fp16" and fmt == "onnx" and not _ort_has_cuda():
-        _log("skipping verify: fp16 ONNX runs on onnxruntime's CUDA provider, which this onnxruntime "
-             "lacks (pip install onnxruntime-gpu, then dmf-export verify --provider cuda)")
-        return
-    target = written[0].path
-    ok = _run_verify(str(target), checkpoint, provider="cuda" if precision == "fp16" and fmt == "onnx" else "cpu",
-                     device="cuda" if precision == "fp16" else device)
-    if not ok:
+    if not _run_verify(str(written[0].path), checkpoint, **run):
         sys.exit(1)
 
 
-def _gpu_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _ort_has_cuda() -> bool:
-    import onnxruntime
-
-    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-
-
 def _run_verify(artifact, checkpoint, as_json=False, **kwargs) -> bool:
-    from dmf_export.verify import describe_ties, verify_artifact
-
     if not as_json:
         _log(f"verifying {artifact} against the eager model")
     report = verify_artifact(artifact, checkpoint, log=(lambda _: None) if as_json else _log, **kwargs)
@@ -211,33 +213,23 @@ def _run_verify(artifact, checkpoint, as_json=False, **kwargs) -> bool:
 
 @main.command()
 @click.argument("artifact", type=click.Path())
-@click.option("--checkpoint", "-c", required=True, type=click.Path(dir_okay=False),
-              help="The checkpoint the artifact was exported from.")
-@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]),
-              help="onnxruntime execution provider (ONNX artifacts).")
-@click.option("--device", default="cpu", show_default=True, help="torch device (TorchScript artifacts).")
-@click.option("--sizes", help="Episode sizes, e.g. 5w1s10q,3w2s4q (default: a spread of sizes).")
-@click.option("--seed", default=0, show_default=True, type=int)
+@_checkpoint_option
+@_provider_option
+@_device_option
+@_sizes_option(None, "Episode sizes, e.g. 5w1s10q,3w2s4q (default: a spread of sizes).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the first random episode.")
 @click.option("--rtol", type=float, help="Relative tolerance (default 1e-4 fp32, 1e-2 fp16).")
 @click.option("--atol", type=float, help="Absolute tolerance (default 1e-4 fp32, 1e-2 fp16).")
-@click.option("--cuda-graph", is_flag=True,
-              help="TorchScript on a GPU: run each episode from a captured CUDA graph.")
-@click.option("--tf32", is_flag=True,
-              help="TorchScript fp32 on a GPU: let convolutions use TF32 (to see what it costs in parity).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
+@_cuda_graph_option
+@_tf32_option
+@_json_option
 def verify(artifact, checkpoint, provider, device, sizes, seed, rtol, atol, cuda_graph, tf32, as_json):
     """Run ARTIFACT and the eager model on the same seeded episodes and compare.
 
     Exits 1 when any episode is outside the tolerances.
     """
-    from dmf_export.contract import parse_sizes
-
-    try:
-        parsed = parse_sizes(sizes) if sizes else None
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--sizes")
     ok = _run_verify(artifact, checkpoint, as_json=as_json, provider=provider, device=device,
-                     sizes=parsed, seed=seed, rtol=rtol, atol=atol, cuda_graph=cuda_graph,
+                     sizes=sizes, seed=seed, rtol=rtol, atol=atol, cuda_graph=cuda_graph,
                      tf32=tf32)
     if not ok:
         sys.exit(1)
@@ -245,22 +237,18 @@ def verify(artifact, checkpoint, provider, device, sizes, seed, rtol, atol, cuda
 
 @main.command()
 @click.argument("artifacts", nargs=-1, type=click.Path())
-@click.option("--checkpoint", "-c", required=True, type=click.Path(dir_okay=False),
-              help="The checkpoint (the eager original is timed from it).")
-@click.option("--sizes", default="5w1s75q", show_default=True, help="Episode sizes, comma-separated.")
-@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
-@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch and onnxruntime.")
+@_checkpoint_option
+@_sizes_option("5w1s75q", "Episode sizes, comma-separated.")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Timed runs of each episode per candidate (after one warm-up).")
+@_threads_option
 @click.option("--no-eager", is_flag=True, help="Do not time the eager original (it is slow on a CPU).")
 @click.option("--no-backbone", is_flag=True, help="Do not time the eager backbone alone.")
-@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]))
-@click.option("--device", default="cpu", show_default=True,
-              help="torch device for the eager model and TorchScript artifacts (cpu, cuda, cuda:1).")
-@click.option("--cuda-graph", is_flag=True,
-              help="TorchScript on a GPU: replay each episode from a captured CUDA graph.")
-@click.option("--tf32", is_flag=True,
-              help="On a GPU, let fp32 convolutions use TF32 (eager and artifacts alike; ~5e-3 "
-                   "from the original). Off: IEEE fp32.")
-@click.option("--json", "as_json", is_flag=True)
+@_provider_option
+@_device_option
+@_cuda_graph_option
+@_tf32_option
+@_json_option
 def bench(artifacts, checkpoint, sizes, repeats, threads, no_eager, no_backbone, provider, device,
           cuda_graph, tf32, as_json):
     """Per-episode latency (min/median) and peak memory of the eager model and of
@@ -274,16 +262,7 @@ def bench(artifacts, checkpoint, sizes, repeats, threads, no_eager, no_backbone,
     Example:
       dmf-export bench m.onnx m.encoder.onnx m.ts -c m.pth.tar --sizes 5w1s75q,5w5s75q --threads 2
     """
-    import dataclasses
-
-    from dmf_export.bench import bench as run_bench
-    from dmf_export.contract import parse_sizes
-
-    try:
-        parsed = parse_sizes(sizes)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--sizes")
-    rows = run_bench(checkpoint, artifacts, parsed, repeats=repeats, eager=not no_eager,
+    rows = run_bench(checkpoint, artifacts, sizes, repeats=repeats, eager=not no_eager,
                      backbone=not no_backbone, provider=provider, device=device, threads=threads,
                      cuda_graph=cuda_graph, tf32=tf32, log=(lambda _: None) if as_json else _log)
     if as_json:
@@ -314,10 +293,6 @@ def bench(artifacts, checkpoint, sizes, repeats, threads, no_eager, no_backbone,
 def demo(out_dir, groups, kernel, seed, queries):
     """The whole job on an embedded default: a seeded checkpoint with RANDOM weights in the
     original layout, exported to every format this machine supports, verified, timed."""
-    from pathlib import Path
-
-    from dmf_export.demo import run_demo
-
     if not run_demo(Path(out_dir), groups=groups, kernel=int(kernel), seed=seed, queries=queries,
                     log=_log, echo=click.echo):
         sys.exit(1)
@@ -331,17 +306,10 @@ def op_library():
     A C++ program loads it (dlopen) before torch::jit::load of a TorchScript artifact or
     torch::inductor::AOTIModelPackageLoader of an AOTInductor package: examples/cpp/.
     """
-    from dmf_export.ops import build_info
-
-    _log(f"dmf::deform_conv2d for torch {_torch_version()}"
+    build_info = ops.build_info
+    _log(f"dmf::deform_conv2d for torch {torch.__version__}"
          f"{' with CUDA' if build_info.with_cuda else ' (CPU only: ' + str(build_info.without_cuda_reason) + ')'}")
     click.echo(str(build_info.library))
-
-
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__
 
 
 @main.command("build-plugin")
@@ -365,13 +333,9 @@ def build_plugin(tensorrt_root, out_dir):
 # -- evaluate and predict: accuracy on a dataset, answers for image files ---------------
 
 def _runner_options(fn):
-    fn = click.option("--threads", type=click.IntRange(min=1),
-                      help="CPU threads for torch and onnxruntime.")(fn)
-    fn = click.option("--device", default="cpu", show_default=True,
-                      help="torch device for checkpoints and TorchScript artifacts (cpu, cuda, cuda:1).")(fn)
-    fn = click.option("--provider", default="cpu", show_default=True,
-                      type=click.Choice(["cpu", "cuda", "tensorrt"]),
-                      help="onnxruntime execution provider (ONNX artifacts).")(fn)
+    fn = _threads_option(fn)
+    fn = _device_option(fn)
+    fn = _provider_option(fn)
     fn = click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1),
                       help="Threads decoding and preprocessing images.")(fn)
     fn = click.option("--cifar", is_flag=True,
@@ -399,7 +363,7 @@ def _runner_options(fn):
 @_runner_options
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar (default: when stderr is a terminal).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON report with per-episode figures.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON report with per-episode figures.")
 def evaluate(models, data_root, split, episodes, way, shot, queries_per_class, layout, seed,
              all_images, cifar, workers, provider, device, threads, progress, as_json):
     """The original's test protocol on each of MODELS (checkpoints run eagerly, or any
@@ -412,8 +376,6 @@ def evaluate(models, data_root, split, episodes, way, shot, queries_per_class, l
       dmf-export evaluate 1shot.pth.tar --data miniImageNet_pickle
       dmf-export evaluate 5shot.pth.tar 5shot.onnx --data tiered_imagenet --shot 5 --threads 8
     """
-    from dmf_export.evaluate import evaluate as run_evaluate
-
     report = run_evaluate(models, data_root, split=split, layout=layout, episodes=episodes, way=way,
                           shot=shot, queries_per_class=queries_per_class, seed=seed, cifar=cifar,
                           all_images=all_images, provider=provider, device=device, threads=threads,
@@ -447,7 +409,7 @@ def evaluate(models, data_root, split, episodes, way, shot, queries_per_class, l
 @click.option("--support", "support_dir", required=True, type=click.Path(file_okay=False),
               help="Support folder: DIR/<class>/<images>, any number of images per class.")
 @_runner_options
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_json_option
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV: query, class, a score per class.")
 def predict(artifact, queries, support_dir, cifar, workers, provider, device, threads, as_json, as_csv):
     """Classify each of QUERIES (image files, or folders of them) against the classes of
@@ -459,10 +421,6 @@ def predict(artifact, queries, support_dir, cifar, workers, provider, device, th
     Example:
       dmf-export predict dmf.onnx --support my_classes/ photos/ extra.jpg --csv
     """
-    import csv
-
-    from dmf_export.evaluate import predict as run_predict
-
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
     result = run_predict(artifact, support_dir, queries, cifar=cifar, provider=provider,
@@ -505,9 +463,6 @@ def serve(repo_or_artifact, http_port, grpc_port, metrics_port, host, server_env
     wheel has no onnxruntime backend) are skipped, and said so. Runs until Ctrl-C or
     SIGTERM, then stops the server and its stub processes.
     """
-    import tempfile
-    from pathlib import Path
-
     from dmf_export.serve import TritonServer, serve_forever
 
     path = Path(repo_or_artifact)

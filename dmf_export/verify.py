@@ -6,7 +6,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from dmf_export.checkpoint import load_checkpoint
 from dmf_export.contract import TOLERANCES, VERIFY_SIZES, EpisodeSize, Tolerance, make_episode, unique
+from dmf_export.formats import open_artifact
 
 
 @dataclasses.dataclass
@@ -71,9 +73,6 @@ def verify_artifact(artifact: str, checkpoint: str, *, provider: str = "cpu", de
                     min_agreement: float | None = None, cuda_graph: bool = False, tf32: bool = False,
                     plugin: str | None = None,
                     log: Callable[[str], None] = lambda _: None) -> Report:
-    from dmf_export.checkpoint import load_checkpoint
-    from dmf_export.formats import open_artifact
-
     runner = open_artifact(artifact, provider=provider, device=device, cuda_graph=cuda_graph, tf32=tf32,
                            plugin=plugin)
     info = runner.info

@@ -8,6 +8,8 @@ import pytest
 from cli_helpers import one_error_line
 from cli_helpers import run_cli as run
 
+from dmf_export.formats import base
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
@@ -165,10 +167,8 @@ def test_fp16_onnx_export_skips_verify_when_onnxruntime_has_no_cuda_provider(che
                                                                              monkeypatch):
     import onnxruntime
 
-    import dmf_export.cli as cli
-
     # a torch that sees a GPU beside an onnxruntime without the CUDA provider
-    monkeypatch.setattr(cli, "_gpu_available", lambda: True)
+    monkeypatch.setattr(base, "gpu_available", lambda: True)
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     target = tmp_path / "m.fp16.onnx"
     code, out = run("export", checkpoint, "-f", "onnx", "--precision", "fp16", "-o", target,

@@ -22,7 +22,7 @@ from dmf_export.contract import METADATA_KEY, ArtifactInfo
 from dmf_export.errors import DMFExportError
 from dmf_export.formats import _trace
 from dmf_export.formats._torch import torch_graphs
-from dmf_export.formats.base import Format, Runner, RunOptions, split_partner
+from dmf_export.formats.base import Format, Option, Runner, RunOptions, split_partner
 
 # where AOTInductor keeps a package's metadata (aot_inductor.metadata) beside its library
 _METADATA_SUFFIX = ".wrapper_metadata.json"
@@ -45,7 +45,7 @@ class AOTInductor(Format):
     name = "aoti"
     title = "AOTInductor"
     suffix = ".pt2"
-    export_options = ("device",)
+    options = (Option("device", "cpu", help="aoti: the device the package is compiled for and runs on (cpu, cuda)."),)
     run_flags = ("cuda_graph", "tf32")
 
     def unavailable(self, device: str = "cpu", purpose: str = "run") -> str | None:

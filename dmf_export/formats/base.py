@@ -18,15 +18,13 @@ from typing import Callable, ClassVar, Iterable
 
 import torch
 
+from dmf_export._version import __version__
 from dmf_export.contract import ArtifactInfo, EpisodeSize, check_episode
+from dmf_export.deploy import build_episode_graph
 from dmf_export.errors import DMFExportError, summarize
 
 Log = Callable[[str], None]
 GRAPHS = {"episode": ("episode",), "split": ("encoder", "head")}
-
-
-def _quiet_log(_: str) -> None:
-    pass
 
 
 # ------------------------------------------------------------------------- writing
@@ -205,6 +203,45 @@ class Runner:
 
 # ------------------------------------------------------------------------- a format
 
+def gpu_available() -> bool:
+    """Whether torch sees a CUDA GPU (one place, so that a test can pretend it does)."""
+    return torch.cuda.is_available()
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """An export option that only some formats read: one field of ``export.ExportOptions``
+    and one flag of ``dmf-export export`` (``--name-with-dashes``). Declared by the formats
+    that read it (one object, shared by reference when two formats read it); given to a
+    format that does not declare it, refused in one line."""
+
+    name: str
+    default: object
+    help: str
+    kind: str = "text"             # text | int | number | choice | file | new-file | folder | list
+    choices: tuple[str, ...] = ()  # choice, list: the allowed values
+    minimum: float | None = None   # int, number: the smallest allowed value
+    open_minimum: bool = False     # number: the minimum itself is not allowed
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def check(self, value) -> None:
+        """DMFExportError, one line naming the flag, unless ``value`` is allowed."""
+        if value is None or value == self.default:
+            return
+        if self.kind in ("choice", "list"):
+            values = value if self.kind == "list" else (value,)
+            unknown = [v for v in values if v not in self.choices]
+            if unknown or not values:
+                raise DMFExportError(f"{self.flag}: choose from {', '.join(self.choices)} "
+                                     f"(got {', '.join(map(str, unknown)) or 'none'})")
+        if self.minimum is not None and (value < self.minimum or (self.open_minimum and value == self.minimum)):
+            relation = ">" if self.open_minimum else "≥"
+            raise DMFExportError(f"{self.flag} must be {relation} {self.minimum:g} (got {value})")
+
+
 class Format:
     """One artifact format. Subclasses set the class attributes and implement
     ``write_graph`` (or ``write``), ``read_info`` and ``open``."""
@@ -215,8 +252,9 @@ class Format:
     read_suffixes: ClassVar[tuple[str, ...]] = ()  # also recognised when reading
     graphs: ClassVar[tuple[str, ...]] = ("episode", "split")
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16")
-    # ExportOptions fields only this format reads: given to another format, they are an error
-    export_options: ClassVar[tuple[str, ...]] = ()
+    # the export options only this format (and the others that declare the same Option)
+    # reads: fields of ExportOptions and flags of the export command
+    options: ClassVar[tuple[Option, ...]] = ()
     # RunOptions switches it accepts besides provider/device/threads
     run_flags: ClassVar[tuple[str, ...]] = ()
     # images the TorchScript encoder takes at a time on a CPU (deploy.Encoder); 0: all
@@ -234,6 +272,10 @@ class Format:
         """Whether ``path`` (which may not exist yet) is an artifact of this format."""
         return path.suffix in (self.suffix, *self.read_suffixes)
 
+    @property
+    def export_options(self) -> tuple[str, ...]:
+        return tuple(option.name for option in self.options)
+
     def check_options(self, opts) -> None:
         """Refuse in one line what this format cannot do with ``opts`` (beyond ``unavailable``)."""
         if opts.graph not in self.graphs:
@@ -242,6 +284,18 @@ class Format:
         if opts.precision not in self.precisions:
             raise DMFExportError(f"{self.title} artifacts come in {', '.join(self.precisions)}, "
                                  f"not {opts.precision}")
+
+    def verification(self, opts) -> tuple[str | None, dict]:
+        """How ``export --verify`` checks what this format wrote from ``opts``: (None, the
+        ``open_artifact`` keywords to run it with), or (why it cannot be run here, {})."""
+        reason = self.unavailable(opts.device)
+        if reason:
+            return reason, {}
+        if opts.precision == "fp16":
+            if not gpu_available():
+                return "fp16 artifacts run on a GPU; none here (verify it where one is)", {}
+            return None, {"device": "cuda"}
+        return None, {"device": opts.device}
 
     # -- writing
     def outputs(self, checkpoint: str, opts) -> dict[str, Path]:
@@ -300,13 +354,36 @@ class Format:
 @dataclasses.dataclass
 class Job:
     """What a format writes from: the deployment graph(s) of one checkpoint, in the
-    export's precision, with the metadata every artifact carries."""
+    export's precision, with the metadata every artifact carries (``export.prepare_job``
+    makes one from a checkpoint file)."""
 
     checkpoint: str
     opts: object                       # dmf_export.export.ExportOptions
+    model: torch.nn.Module             # the eager model the graphs were built from
     modules: dict[str, torch.nn.Module]
-    groups: int
-    kernel: int
+    cpu_batch: int = 0
+
+    @classmethod
+    def build(cls, checkpoint: str, opts, model: torch.nn.Module, cpu_batch: int = 0) -> "Job":
+        """The deployment graphs of ``model`` for ``opts`` (``cpu_batch``: images the
+        encoder takes at a time on a CPU; 0: all)."""
+        episode = build_episode_graph(model, solver=opts.solver, steps=opts.steps, cpu_batch=cpu_batch)
+        episode = episode.to(torch.float16 if opts.precision == "fp16" else torch.float32).eval()
+        modules = {"episode": episode, "encoder": episode.encoder, "head": episode.head}
+        return cls(checkpoint, opts, model, modules, cpu_batch)
+
+    def for_format(self, fmt: "Format") -> "Job":
+        """This job as ``fmt`` writes it (its own encoder batching), rebuilt only if needed."""
+        return self if fmt.cpu_batch == self.cpu_batch else Job.build(self.checkpoint, self.opts, self.model,
+                                                                      fmt.cpu_batch)
+
+    @property
+    def groups(self) -> int:
+        return self.model.groups
+
+    @property
+    def kernel(self) -> int:
+        return self.model.kernel
 
     @property
     def dtype(self) -> torch.dtype:
@@ -314,25 +391,9 @@ class Job:
 
     def info(self, fmt: str, graph: str, **extra) -> ArtifactInfo:
         """The one metadata schema (``contract.ArtifactInfo``), as stored in every artifact."""
-        from dmf_export._version import __version__
-
         opts = self.opts
         return ArtifactInfo(
             format=fmt, graph=graph, precision=opts.precision, image_size=opts.image_size,
             groups=self.groups, kernel=self.kernel, solver=opts.solver, steps=opts.steps,
             example=dataclasses.asdict(EpisodeSize(opts.way, opts.shot, opts.queries)),
             checkpoint=Path(self.checkpoint).name, dmf_export_version=__version__, **extra)
-
-
-def prepare_job(checkpoint: str, opts, cpu_batch: int = 0, log: Log = _quiet_log) -> Job:
-    """Load ``checkpoint`` and build its deployment graph(s) for ``opts``."""
-    from dmf_export.checkpoint import load_checkpoint
-    from dmf_export.deploy import build_episode_graph
-
-    log(f"loading {checkpoint}")
-    model = load_checkpoint(checkpoint, groups=opts.groups, kernel=opts.kernel)
-    episode = build_episode_graph(model, solver=opts.solver, steps=opts.steps, cpu_batch=cpu_batch)
-    dtype = torch.float16 if opts.precision == "fp16" else torch.float32
-    episode = episode.to(dtype).eval()
-    modules = {"episode": episode, "encoder": episode.encoder, "head": episode.head}
-    return Job(checkpoint, opts, modules, model.groups, model.kernel)

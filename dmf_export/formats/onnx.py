@@ -11,7 +11,8 @@ from dmf_export._version import __version__
 from dmf_export.contract import GRAPH_IO, METADATA_KEY, ArtifactInfo
 from dmf_export.errors import DMFExportError
 from dmf_export.formats import _trace
-from dmf_export.formats.base import Format, Runner, RunOptions, split_partner
+from dmf_export.formats.base import Format, Option, Runner, RunOptions, split_partner
+from dmf_export.onnx_ops import FLAVORS, translation_table
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -20,11 +21,16 @@ PROVIDERS = {
 }
 
 
+ONNX_FLAVOR = Option("onnx_flavor", "standard", kind="choice", choices=FLAVORS,
+                     help="standard: ONNX DeformConv (stock onnxruntime); plugin: the TensorRT plugin's node.")
+# TensorRT builds its engines from the ONNX graph, so it reads the same option
+OPSET = Option("opset", 19, kind="int", minimum=19,
+               help="ONNX opset (≥ 19: DeformConv first appears in opset 19).")
+
+
 def write_onnx(job, graph: str, path: Path, flavor: str, fmt: str = "onnx") -> None:
     """The ``graph`` of ``job`` as ONNX at ``path``, checked by ``onnx.checker``."""
-    import onnx
-
-    from dmf_export.onnx_ops import translation_table
+    import onnx  # heavy, and only an export needs it
 
     opts = job.opts
     inputs, outputs = GRAPH_IO[graph]
@@ -58,8 +64,21 @@ class Onnx(Format):
     name = "onnx"
     title = "ONNX"
     suffix = ".onnx"
-    export_options = ("onnx_flavor", "opset")
+    options = (ONNX_FLAVOR, OPSET)
     run_flags = ("tf32",)
+
+    def verification(self, opts) -> tuple[str | None, dict]:
+        if opts.onnx_flavor == "plugin":
+            return "the plugin-flavour graph runs in TensorRT (export --format tensorrt)", {}
+        reason, run = super().verification(opts)
+        if reason or opts.precision != "fp16":
+            return reason, run
+        import onnxruntime  # heavy; only an fp16 export asks
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            return ("fp16 ONNX runs on onnxruntime's CUDA provider, which this onnxruntime lacks "
+                    "(pip install onnxruntime-gpu, then dmf-export verify --provider cuda)"), {}
+        return None, {"device": "cuda", "provider": "cuda"}
 
     def name_tags(self, opts) -> str:
         return super().name_tags(opts) + (".plugin" if opts.onnx_flavor == "plugin" else "")

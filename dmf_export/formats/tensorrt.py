@@ -23,8 +23,8 @@ from typing import Callable
 
 from dmf_export.contract import EPISODE_INPUTS, EPISODE_OUTPUTS, ArtifactInfo, EpisodeSize
 from dmf_export.errors import DMFExportError
-from dmf_export.formats.base import Format, Runner, RunOptions, Staging, Written
-from dmf_export.formats.onnx import write_onnx
+from dmf_export.formats.base import Format, Option, Runner, RunOptions, Staging, Written
+from dmf_export.formats.onnx import OPSET, write_onnx
 
 INFO_SUFFIX = ".json"  # x.engine → x.engine.json
 ALIGNMENT = 256  # bytes: TensorRT requires every tensor address to be a multiple of it
@@ -411,8 +411,23 @@ class TensorRT(Format):
     suffix = ".engine"
     read_suffixes = (".engine", ".plan")
     graphs = ("episode",)
-    export_options = ("opset", "max_way", "max_shot", "max_queries", "plugin", "workspace", "timing_cache",
-                      "tensorrt_root")
+    options = (
+        OPSET,
+        Option("max_way", None, kind="int", minimum=1,
+               help="TensorRT: most classes the engine accepts (default max(--way, 10))."),
+        Option("max_shot", None, kind="int", minimum=1,
+               help="TensorRT: most support images per class (default max(--shot, 5))."),
+        Option("max_queries", None, kind="int", minimum=1,
+               help="TensorRT: most queries per episode (default max(--queries, 75))."),
+        Option("plugin", None, kind="file",
+               help="TensorRT: the plugin library to use (default: build it, see build-plugin)."),
+        Option("tensorrt_root", None, kind="folder",
+               help="TensorRT: headers for building the plugin (default $TENSORRT_ROOT, then system paths)."),
+        Option("workspace", None, kind="number", minimum=0, open_minimum=True,
+               help="TensorRT: builder workspace limit in GiB (default: TensorRT's)."),
+        Option("timing_cache", None, kind="new-file",
+               help="TensorRT: timing cache file, read and updated (default: one in ~/.cache/dmf_export)."),
+    )
     run_flags = ("plugin",)
 
     def unavailable(self, device: str = "cpu", purpose: str = "run") -> str | None:

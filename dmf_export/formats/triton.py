@@ -18,7 +18,7 @@ import torch
 
 from dmf_export.contract import ArtifactInfo
 from dmf_export.errors import DMFExportError
-from dmf_export.formats.base import Format, Runner, RunOptions, Staging, Written, prepare_job
+from dmf_export.formats.base import Format, Option, Runner, RunOptions, Staging, Written
 
 VARIANTS = ("onnx", "torchscript", "tensorrt")
 
@@ -27,7 +27,9 @@ class Triton(Format):
     name = "triton"
     title = "Triton"
     suffix = ".triton"  # the default repository folder's name: <checkpoint>.triton/
-    export_options = ("variants",)
+    options = (Option("variants", ("onnx",), kind="list", choices=VARIANTS,
+                      help="triton: the artifact formats the repository holds, comma-separated "
+                           "(onnx, torchscript, tensorrt; onnx serves the onnxruntime and python backends)."),)
     single_output = True
 
     def unavailable(self, device: str = "cpu", purpose: str = "run") -> str | None:
@@ -46,9 +48,6 @@ class Triton(Format):
 
     def check_options(self, opts) -> None:
         super().check_options(opts)
-        unknown = [v for v in opts.variants if v not in VARIANTS]
-        if unknown or not opts.variants:
-            raise DMFExportError(f"--variants: choose from {', '.join(VARIANTS)} (got {unknown or 'none'})")
         if "onnx" not in opts.variants:
             raise DMFExportError("--variants must include onnx: the served episode model is the ONNX graph")
 
@@ -73,7 +72,7 @@ class Triton(Format):
                 graphs = ["episode"] + (["encoder", "head"] if opts.graph == "split" and "split" in fmt.graphs
                                         else [])
                 # the format's own deployment graph (TorchScript encodes 16 images at a time on a CPU)
-                variant_job = job if fmt.cpu_batch == 0 else prepare_job(job.checkpoint, opts, fmt.cpu_batch)
+                variant_job = job.for_format(fmt)
                 for graph in graphs:
                     base = Path(scratch) / variant / graph
                     base.parent.mkdir(parents=True, exist_ok=True)
