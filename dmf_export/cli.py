@@ -508,13 +508,11 @@ def serve(repo_or_artifact, http_port, grpc_port, metrics_port, host, server_env
     import tempfile
     from pathlib import Path
 
-    from dmf_export.serve import TritonServer, serve_forever
+    from dmf_export.triton import TritonServer, serve_forever, write_repository
 
     path = Path(repo_or_artifact)
     with tempfile.TemporaryDirectory(prefix="dmf-serve-") as scratch:
         if path.is_file():
-            from dmf_export.triton import write_repository
-
             repo = Path(scratch) / "repo"
             write_repository(repo, [path], threads=threads)
         else:
