@@ -25,10 +25,14 @@ import threading
 import time
 from pathlib import Path
 
+import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dmf_export.checkpoint import write_random_checkpoint  # noqa: E402
 from dmf_export.contract import EPISODE_INPUTS, make_episode, parse_sizes  # noqa: E402
+from dmf_export.export import ExportOptions, export_checkpoint  # noqa: E402
+from dmf_export.triton import EPISODE_MODEL, TritonRunner, TritonServer, model_path, write_repository  # noqa: E402
 
 
 def run_clients(make_call, clients: int, episodes: int) -> tuple[list[float], float]:
@@ -97,13 +101,6 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    import onnxruntime as ort
-
-    from dmf_export.checkpoint import write_random_checkpoint
-    from dmf_export.serve import TritonServer
-    from dmf_export.export import ExportOptions, export_checkpoint
-    from dmf_export.triton import EPISODE_MODEL, TritonRunner, write_repository
-
     (size,) = parse_sizes(args.size)
     clients = [int(c) for c in args.clients.split(",")]
     protocols = [p for p in args.protocols.split(",") if p]
@@ -115,7 +112,7 @@ def main() -> int:
         print(f"exporting {checkpoint}", file=sys.stderr)
         export_checkpoint(checkpoint, ExportOptions(format="triton", output=str(scratch / "exported")),
                       lambda m: print(m, file=sys.stderr))
-        onnx_file = scratch / "exported" / EPISODE_MODEL / "1" / "model.onnx"
+        onnx_file = model_path(scratch / "exported")  # the episode graph the served model runs
         repo = scratch / "repo"
         write_repository(repo, [onnx_file], threads=args.threads, instances=args.instances)
 

@@ -22,6 +22,7 @@ from dmf_export.evaluate import evaluate as run_evaluate
 from dmf_export.evaluate import predict as run_predict
 from dmf_export.export import SOLVERS, ExportOptions, export_checkpoint, format_options
 from dmf_export.formats.base import Option
+from dmf_export.triton import TritonServer, serve_forever, write_repository
 from dmf_export.verify import describe_ties, verify_artifact
 
 
@@ -463,13 +464,9 @@ def serve(repo_or_artifact, http_port, grpc_port, metrics_port, host, server_env
     wheel has no onnxruntime backend) are skipped, and said so. Runs until Ctrl-C or
     SIGTERM, then stops the server and its stub processes.
     """
-    from dmf_export.serve import TritonServer, serve_forever
-
     path = Path(repo_or_artifact)
     with tempfile.TemporaryDirectory(prefix="dmf-serve-") as scratch:
         if path.is_file():
-            from dmf_export.triton import write_repository
-
             repo = Path(scratch) / "repo"
             write_repository(repo, [path], threads=threads)
         else:

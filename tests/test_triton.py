@@ -14,6 +14,9 @@ outside CI, where no such environment is installed.
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.util
+import inspect
+import json
 import os
 import re
 import signal
@@ -21,14 +24,21 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from cli_helpers import one_error_line, run_cli
 
-from dmf_export.contract import EPISODE_INPUTS, EpisodeSize, make_episode
+from dmf_export import load_checkpoint
+from dmf_export.checkpoint import write_random_checkpoint
+from dmf_export.contract import EPISODE_INPUTS, ArtifactInfo, EpisodeSize, make_episode
+from dmf_export.deploy import EpisodeGraph
+from dmf_export.errors import DMFExportError
+from dmf_export.export import ExportOptions, export_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = 32  # 4×4 features: the whole graph, cheaply (the python backend runs it on 2 cores)
@@ -38,11 +48,14 @@ TIMEOUT = 60.0  # seconds any one request may take before a test calls it hung
 
 tritonclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] not installed "
                                    "(pip install 'dmf-export[serve]')")
+http = pytest.importorskip("tritonclient.http", reason="tritonclient[http] not installed")
+from google.protobuf import json_format, text_format  # noqa: E402
+from tritonclient.grpc import model_config_pb2 as schema  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from dmf_export.errors import DMFExportError  # noqa: E402
-from dmf_export.serve import TritonServer, find_distribution, glibc_version  # noqa: E402
-from dmf_export.triton import EPISODE_MODEL, TritonRunner  # noqa: E402
+from dmf_export.triton import (DEFAULT_BOUNDS, EPISODE_MODEL, TritonRunner, TritonServer,  # noqa: E402
+                               config_text, find_distribution, free_ports, glibc_version,
+                               group_members, repository_models)
 
 
 def _server_env() -> str | None:
@@ -69,16 +82,12 @@ def server_env():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from dmf_export.checkpoint import write_random_checkpoint
-
     return write_random_checkpoint(tmp_path_factory.mktemp("triton") / "dmf.pth.tar",
                                    groups=64, kernel=1, seed=3)
 
 
 @pytest.fixture(scope="module")
 def repo(checkpoint, tmp_path_factory):
-    from dmf_export.export import ExportOptions, export_checkpoint
-
     path = tmp_path_factory.mktemp("repository") / "repo"
     export_checkpoint(str(checkpoint), ExportOptions(format="triton", output=str(path), image_size=IMAGE,
                                                      way=5, shot=1, queries=4))
@@ -87,8 +96,6 @@ def repo(checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def eager(checkpoint):
-    from dmf_export import load_checkpoint
-
     model = load_checkpoint(checkpoint)
     with torch.no_grad():
         yield lambda *episode: model(*episode)
@@ -132,8 +139,6 @@ def _alive(pid: int) -> bool:
 
 def _stubs_under(pid: int) -> list[int]:
     """The python backend stubs of the tritonserver that process ``pid`` started."""
-    from dmf_export.serve import group_members
-
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     return [member for child in children for member, name in group_members(int(child))
             if name == "triton_python_backend_stub"]
@@ -152,9 +157,6 @@ def _onnx_dims(path: Path) -> dict[str, list[int]]:
 @pytest.mark.parametrize("model, platform, backend", [("dmf", "onnxruntime_onnx", ""),
                                                       ("dmf_python", "", "python")])
 def test_config_parses_against_tritons_model_config_schema(repo, model, platform, backend):
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2 as schema
-
     config = text_format.Parse((repo / model / "config.pbtxt").read_text(), schema.ModelConfig())
     assert (config.name, config.platform, config.backend) == (model, platform, backend)
     assert config.max_batch_size == 0
@@ -173,15 +175,6 @@ def test_config_parses_against_tritons_model_config_schema(repo, model, platform
 @pytest.mark.parametrize("backend, platform, precision", [("pytorch", "pytorch_libtorch", "fp32"),
                                                          ("tensorrt", "tensorrt_plan", "fp16")])
 def test_torchscript_and_tensorrt_configs_parse_and_name_the_graphs_tensors(backend, platform, precision):
-    import inspect
-
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2 as schema
-
-    from dmf_export.contract import ArtifactInfo
-    from dmf_export.deploy import EpisodeGraph
-    from dmf_export.triton import config_text
-
     info = ArtifactInfo(format="torchscript" if backend == "pytorch" else "tensorrt", precision=precision)
     text = config_text("dmf_x", "episode", info, backend=backend, threads=2)
     config = text_format.Parse(text, schema.ModelConfig())
@@ -197,9 +190,70 @@ def test_torchscript_and_tensorrt_configs_parse_and_name_the_graphs_tensors(back
     assert [g.kind for g in config.instance_group] == [kind]
 
 
-def test_export_refuses_an_existing_repository_and_leaves_it(repo, checkpoint):
-    from dmf_export.export import ExportOptions, export_checkpoint
+def _shipped_model(path: Path, monkeypatch) -> types.ModuleType:
+    """The python-backend model file, imported as the server's stub imports it (with a
+    stand-in for the backend's own utilities, which only the stub has)."""
+    utils = types.ModuleType("triton_python_backend_utils")
+    utils.TritonModelException = RuntimeError
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", utils)
+    spec = importlib.util.spec_from_file_location("shipped_python_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
+
+def test_the_writer_writes_exactly_the_parameters_the_shipped_model_reads(repo, monkeypatch):
+    """The python-backend model runs where dmf_export is not installed, so the two sides
+    cannot share a module: the config the writer writes, as Triton hands it over (its
+    ModelConfig schema, as JSON), must set every parameter the model reads, each read."""
+    model_py = repo / EPISODE_MODEL / "1" / "model.py"
+    module = _shipped_model(model_py, monkeypatch)
+    assert module.EPISODE_INPUTS == EPISODE_INPUTS
+    bounds = {"way": 7, "shot": 6, "queries": 5}
+    text = config_text(EPISODE_MODEL, "episode", ArtifactInfo(format="onnx", image_size=IMAGE),
+                       backend="python", threads=3, bounds=bounds)
+    config = json_format.MessageToDict(text_format.Parse(text, schema.ModelConfig()),
+                                       preserving_proto_field_name=True)
+    assert set(config["parameters"]) == set(module.PARAMETERS)
+    # the model refuses numpy 2 (the wheel's stub hands it wrong strides); how it reads its
+    # config does not depend on numpy's version
+    monkeypatch.setattr(np, "__version__", "1.26.4")
+    model = module.TritonPythonModel()
+    model.initialize({"model_config": json.dumps(config), "model_repository": str(model_py.parent.parent),
+                      "model_version": "1"})
+    assert model.image_size == IMAGE
+    assert model.bounds == bounds
+    assert model.session.get_session_options().intra_op_num_threads == 3
+    # and the repository's own config: the default bounds, no thread count
+    written = json_format.MessageToDict(
+        text_format.Parse((repo / EPISODE_MODEL / "config.pbtxt").read_text(), schema.ModelConfig()),
+        preserving_proto_field_name=True)
+    assert {k: v["string_value"] for k, v in written["parameters"].items()} == {
+        "image_size": str(IMAGE), "max_way": "20", "max_shot": "20", "max_queries": "300"}
+    assert DEFAULT_BOUNDS == {"way": 20, "shot": 20, "queries": 300}
+
+
+def test_the_writer_refuses_a_bound_the_shipped_model_does_not_read():
+    with pytest.raises(DMFExportError, match="reads no parameter max_ways"):
+        config_text(EPISODE_MODEL, "episode", ArtifactInfo(format="onnx"), backend="python",
+                    bounds={"ways": 3})
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "python", "pytorch", "tensorrt"])
+def test_the_server_reads_back_the_backend_each_written_config_needs(tmp_path, backend):
+    """What a server must have to load a model is a folder under its backend directory
+    named as Triton names its backends."""
+    info = ArtifactInfo(format="onnx", precision="fp16" if backend == "tensorrt" else "fp32")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.pbtxt").write_text(config_text("m", "episode", info, backend=backend))
+    assert repository_models(tmp_path) == {"m": backend}
+
+
+def test_the_written_repository_names_each_models_backend(repo):
+    assert repository_models(repo) == {"dmf": "onnxruntime", "dmf_python": "python"}
+
+
+def test_export_refuses_an_existing_repository_and_leaves_it(repo, checkpoint):
     before = sorted(p.relative_to(repo) for p in repo.rglob("*"))
     with pytest.raises(DMFExportError, match="exists; pass --force"):
         export_checkpoint(str(checkpoint), ExportOptions(format="triton", output=str(repo), image_size=IMAGE))
@@ -210,8 +264,6 @@ def test_export_refuses_an_existing_repository_and_leaves_it(repo, checkpoint):
 @pytest.mark.parametrize("what, needle", [("empty folder", "is not a Triton model repository"),
                                           ("not an artifact", "cannot read it as a ONNX artifact")])
 def test_serve_refuses_what_it_cannot_serve_in_one_line(tmp_path, what, needle):
-    from cli_helpers import one_error_line, run_cli
-
     target = tmp_path / "empty"
     target.mkdir()
     if what == "not an artifact":
@@ -237,8 +289,6 @@ def test_served_scores_match_the_eager_model(server, eager, protocol, size):
 def _success_count(server, model=EPISODE_MODEL, at_least: int = 0) -> int:
     """The server's count of successful requests for ``model``; with ``at_least``, asked
     again (up to 10 s) while lower: the server counts a request after sending its answer."""
-    import tritonclient.http as http
-
     client = http.InferenceServerClient(server.url("http"))
     deadline = time.monotonic() + 10
     try:
@@ -316,8 +366,6 @@ def test_a_bad_request_gets_an_error_and_the_next_good_one_an_answer(server, eag
 
 def test_a_killed_stub_is_reported_not_hung_on_a_reload_recovers_and_stop_frees_all(
         repo, server_env, eager):
-    import tritonclient.http as http
-
     good = episode(EpisodeSize(2, 1, 1), seed=11)
     # a short exit timeout: the dead instance's unload holds the server's exit for that long
     with TritonServer(repo, server_env=server_env, exit_timeout=2) as server:
@@ -349,8 +397,6 @@ def test_a_killed_stub_is_reported_not_hung_on_a_reload_recovers_and_stop_frees_
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_serve_command_answers_then_stops_cleanly_on_a_signal(repo, server_env, eager, signum):
-    from dmf_export.serve import free_ports
-
     http_port, grpc_port, metrics_port = free_ports(3)
     command = [sys.executable, "-m", "dmf_export", "serve", str(repo), "--http-port", str(http_port),
                "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)]
@@ -382,8 +428,6 @@ def test_serve_command_answers_then_stops_cleanly_on_a_signal(repo, server_env, 
 
 
 def test_verify_runs_a_repository_through_a_server_it_starts_and_stops(repo, checkpoint, server_env):
-    from cli_helpers import run_cli
-
     def serving():  # processes serving this repository (the module's own server among them)
         found = subprocess.run(["pgrep", "-f", str(repo)], capture_output=True, text=True).stdout
         return set(found.split())

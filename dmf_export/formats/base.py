@@ -173,10 +173,12 @@ class Runner:
     """
 
     def __init__(self, path: Path, info: ArtifactInfo, backend: str, graphs: dict[str, GraphFn],
-                 context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+                 context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 close: Callable[[], None] | None = None):
         self.path, self.info, self.backend = Path(path), info, backend
         self.graphs = graphs
         self._context = context
+        self._close = close
 
     @torch.inference_mode()
     def __call__(self, support, support_labels, query) -> torch.Tensor:
@@ -198,7 +200,10 @@ class Runner:
             return self.graphs["encoder"](images)
 
     def close(self) -> None:
-        """Free what the runner holds beyond memory (a server process); a no-op for most."""
+        """Free what the runner holds beyond memory (``close``, given by a format that
+        holds a server process); a no-op for most."""
+        if self._close is not None:
+            self._close()
 
 
 # ------------------------------------------------------------------------- a format

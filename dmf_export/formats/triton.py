@@ -1,7 +1,8 @@
 """A Triton Inference Server model repository (a folder): the episode graph (and with
 ``--graph split`` the encoder and head too) for Triton's onnxruntime and python backends,
 and with ``--variants`` TorchScript (pytorch_libtorch) and TensorRT (tensorrt_plan) models
-too. ``dmf_export.triton`` writes the configs; ``dmf_export.serve`` runs a real server.
+too. ``dmf_export.triton`` writes the repository and runs a real server; this module only
+fits it into the format registry.
 
 As an artifact it runs through a server started from the ``nvidia-pytriton`` wheel (its
 python-backend models), so ``verify`` and ``bench`` measure what a client of the server
@@ -10,17 +11,21 @@ gets; the environment that server runs in is ``$DMF_TRITON_ENV`` or this interpr
 from __future__ import annotations
 
 import atexit
+import contextlib
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from dmf_export import formats
 from dmf_export.contract import ArtifactInfo
 from dmf_export.errors import DMFExportError
-from dmf_export.formats.base import Format, Option, Runner, RunOptions, Staging, Written
+from dmf_export.formats.base import Format, Option, Runner, RunOptions, Staging, Written, strip_checkpoint_suffix
+from dmf_export.triton import (EPISODE_MODEL, FORMAT_BACKENDS, TritonRunner, TritonServer,
+                               find_distribution, model_path, write_repository)
 
-VARIANTS = ("onnx", "torchscript", "tensorrt")
+VARIANTS = tuple(FORMAT_BACKENDS)  # the artifact formats a repository can hold
 
 
 class Triton(Format):
@@ -35,8 +40,6 @@ class Triton(Format):
     def unavailable(self, device: str = "cpu", purpose: str = "run") -> str | None:
         if purpose == "export":
             return None  # a repository is plain files
-        from dmf_export.serve import find_distribution
-
         try:
             find_distribution()
         except DMFExportError as err:
@@ -54,15 +57,10 @@ class Triton(Format):
     def outputs(self, checkpoint, opts) -> dict[str, Path]:
         if opts.output:
             return {"repository": Path(opts.output)}
-        from dmf_export.formats.base import strip_checkpoint_suffix
-
         stem = strip_checkpoint_suffix(Path(checkpoint).name) + self.name_tags(opts)
         return {"repository": Path(checkpoint).parent / f"{stem}{self.suffix}"}
 
     def write(self, job, outputs, staging, log) -> list[Written]:
-        from dmf_export import formats
-        from dmf_export.triton import write_repository
-
         repo, opts = outputs["repository"], job.opts
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="dmf-triton-") as scratch:
@@ -85,10 +83,7 @@ class Triton(Format):
         return [Written(repo, "episode" if opts.graph == "episode" else "split", time.perf_counter() - start)]
 
     def read_info(self, path: Path) -> ArtifactInfo:
-        from dmf_export import formats
-        from dmf_export.triton import BACKENDS, MODEL_NAMES, PYTHON_SUFFIX
-
-        model = path / (MODEL_NAMES["episode"] + PYTHON_SUFFIX) / "1" / BACKENDS["python"][1]
+        model = model_path(path)  # the episode graph the served model runs
         if not model.is_file():
             raise DMFExportError(f"{path}: not a Triton repository written by dmf-export (no {model.relative_to(path)})")
         info = formats.read_info(model)
@@ -96,18 +91,19 @@ class Triton(Format):
         return info
 
     def open(self, path: Path, info: ArtifactInfo, run: RunOptions) -> Runner:
-        from dmf_export.serve import TritonServer
-        from dmf_export.triton import EPISODE_MODEL, TritonRunner
-
         if torch.device(run.device).type != "cpu" or run.provider != "cpu":
             raise DMFExportError(f"{path}: the Triton server from the wheel runs on the CPU")
         server = TritonServer(path, models=[EPISODE_MODEL]).start()
-        atexit.register(server.stop)
-        client = TritonRunner(server, EPISODE_MODEL, precision=info.precision)
-        runner = Runner(path, info, self.name, {"episode": client})
-        runner.server = server  # stopped with the runner, or at exit
-        runner.close = server.stop
-        return runner
+        atexit.register(server.stop)  # if the runner is never closed
+        resources = contextlib.ExitStack()
+        resources.callback(server.stop)
+        try:
+            client = TritonRunner(server, EPISODE_MODEL, precision=info.precision)
+        except BaseException:
+            resources.close()
+            raise
+        resources.callback(client.close)  # closed first, while the server still answers
+        return Runner(path, info, self.name, {"episode": client}, close=resources.close)
 
 
 FORMAT = Triton()

@@ -2,7 +2,8 @@
 
 ``dmf_export.triton`` copies this file as ``<model>/1/model.py``. It runs inside the
 server's python backend stub, where dmf_export is not installed: numpy, onnxruntime and
-the backend's ``triton_python_backend_utils`` only. Never imported by dmf_export itself.
+the backend's ``triton_python_backend_utils`` only. Never imported by dmf_export itself:
+the repository writer reads ``PARAMETERS`` from its source.
 
 Besides running the graph it checks each episode against the contract, so that a bad
 request gets an error response instead of NaN scores (labels for more classes than the
@@ -15,12 +16,29 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-EPISODE_INPUTS = ("support", "support_labels", "query")
+EPISODE_INPUTS = ("support", "support_labels", "query")  # the contract's (a test pins them)
+# The config.pbtxt parameters this model reads, with their defaults: the one table of them.
+# The repository writer reads it from this file's source (a plain literal, so that it can)
+# and writes no other; a test pins the two together.
+PARAMETERS = {
+    "image_size": 84,         # the support and query images' height and width
+    "max_way": None,          # the largest episode it answers (None: no bound); beyond,
+    "max_shot": None,         # an error response instead of a server out of memory
+    "max_queries": None,
+    "intra_op_threads": 0,    # onnxruntime's intra-op threads per instance (0: all cores)
+}
+BOUNDS = ("way", "shot", "queries")  # each bounded by PARAMETERS["max_" + bound]
 
 
-def _parameter(config, key, default):
-    value = config.get("parameters", {}).get(key, {}).get("string_value", "")
-    return int(value) if value else default
+def read_parameters(config):
+    """{parameter: int value or its default} from the model's configuration (Triton hands
+    every parameter over as a string)."""
+    given = config.get("parameters", {})
+    values = {}
+    for key, default in PARAMETERS.items():
+        text = given.get(key, {}).get("string_value", "")
+        values[key] = int(text) if text else default
+    return values
 
 
 def check_episode(support, labels, query, image_size, bounds):
@@ -39,7 +57,7 @@ def check_episode(support, labels, query, image_size, bounds):
         return (f"support_labels name {way} classes but only {int((counts > 0).sum())} of them "
                 f"have a support image")
     for name, value in (("way", way), ("shot", int(counts.max())), ("queries", query.shape[0])):
-        if value > bounds[name]:
+        if bounds[name] is not None and value > bounds[name]:
             return f"{name} = {value} is over this model's bound max_{name} = {bounds[name]}"
     return None
 
@@ -51,12 +69,11 @@ class TritonPythonModel:
             # over arrays with wrong strides (silently wrong data), so refuse to start
             raise pb_utils.TritonModelException(
                 f"numpy {np.__version__} in the python backend's environment; it needs numpy < 2")
-        config = json.loads(args["model_config"])
-        self.image_size = _parameter(config, "image_size", 84)
-        self.bounds = {name: _parameter(config, f"max_{name}", 1 << 30)
-                       for name in ("way", "shot", "queries")}
+        parameters = read_parameters(json.loads(args["model_config"]))
+        self.image_size = parameters["image_size"]
+        self.bounds = {name: parameters[f"max_{name}"] for name in BOUNDS}
         options = ort.SessionOptions()
-        options.intra_op_num_threads = _parameter(config, "intra_op_threads", 0)
+        options.intra_op_num_threads = parameters["intra_op_threads"]
         options.inter_op_num_threads = 1
         folder = Path(args["model_repository"]) / args["model_version"]
         self.session = ort.InferenceSession(str(folder / "model.onnx"), options,

@@ -16,6 +16,7 @@ also stops its stub processes, whatever happened to the server.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -28,13 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dmf_export.errors import DMFExportError
+from dmf_export.triton.repository import repository_models
 
 MIN_GLIBC = (2, 35)
 MIN_ONNXRUNTIME = (1, 25)
 ENV_VARIABLE = "DMF_TRITON_ENV"
-# where a model's config says its backend; the server loads a model only if it has that one
-_PLATFORM_BACKEND = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt",
-                     "pytorch_libtorch": "pytorch"}
 
 
 @dataclass(frozen=True)
@@ -127,27 +126,6 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
         return [s.getsockname()[1] for s in sockets]
 
 
-def repository_models(repo: Path) -> dict[str, str]:
-    """{model name: backend} of a repository, from each model's config.pbtxt."""
-    import re
-
-    models = {}
-    for config in sorted(Path(repo).glob("*/config.pbtxt")):
-        text = config.read_text()
-        backend = re.search(r'^\s*backend:\s*"([^"]+)"', text, re.M)
-        platform = re.search(r'^\s*platform:\s*"([^"]+)"', text, re.M)
-        name = config.parent.name
-        if backend:
-            models[name] = backend.group(1)
-        elif platform and platform.group(1) in _PLATFORM_BACKEND:
-            models[name] = _PLATFORM_BACKEND[platform.group(1)]
-        else:
-            raise DMFExportError(f"{config}: neither a backend nor a known platform")
-    if not models:
-        raise DMFExportError(f"{repo} is not a Triton model repository (no */config.pbtxt)")
-    return models
-
-
 class TritonServer:
     """A tritonserver process serving ``repo``; a context manager (stops on exit).
 
@@ -159,8 +137,6 @@ class TritonServer:
                  metrics_port: int | None = None, host: str = "127.0.0.1", server_env=None,
                  models: list[str] | None = None, startup_timeout: float = 120.0,
                  exit_timeout: int = 10, python_shm_mb: int = 16):
-        import importlib.util
-
         if importlib.util.find_spec("tritonclient") is None:  # readiness is asked through it
             raise DMFExportError("tritonclient is not installed (pip install 'dmf-export[client]')")
         self.repo = Path(repo).resolve()
@@ -245,7 +221,7 @@ class TritonServer:
         return self
 
     def _wait_ready(self) -> None:
-        import tritonclient.http as http
+        import tritonclient.http as http  # optional (dmf-export[client]); __init__ checked it is there
 
         client = http.InferenceServerClient(self.url("http"), connection_timeout=2, network_timeout=2)
         deadline = time.monotonic() + self.startup_timeout
