@@ -6,8 +6,9 @@ import sys
 
 import click
 
-from dmf_export import formats
+from dmf_export import formats, ops
 from dmf_export.errors import DMFExportError
+from dmf_export.tensorrt import plugin as trt_plugin
 
 
 class _Group(click.Group):
@@ -331,8 +332,7 @@ def op_library():
     A C++ program loads it (dlopen) before torch::jit::load of a TorchScript artifact or
     torch::inductor::AOTIModelPackageLoader of an AOTInductor package: examples/cpp/.
     """
-    from dmf_export.ops import build_info
-
+    build_info = ops.require()
     _log(f"dmf::deform_conv2d for torch {_torch_version()}"
          f"{' with CUDA' if build_info.with_cuda else ' (CPU only: ' + str(build_info.without_cuda_reason) + ')'}")
     click.echo(str(build_info.library))
@@ -357,9 +357,7 @@ def build_plugin(tensorrt_root, out_dir):
     Load the library with tensorrt.get_plugin_registry().load_library(PATH) or
     trtexec --dynamicPlugins=PATH.
     """
-    from dmf_export.plugin_build import build_plugin as build
-
-    click.echo(str(build(tensorrt_root, out_dir, log=_log)))
+    click.echo(str(trt_plugin.build_plugin(tensorrt_root, out_dir, log=_log)))
 
 
 # -- evaluate and predict: accuracy on a dataset, answers for image files ---------------
