@@ -104,7 +104,10 @@ def _plan() -> _Plan:
 def load_built() -> BuildInfo | None:
     """Load the library built for this torch and these sources, if the cache holds one;
     None (and nothing compiled) otherwise."""
-    plan = _plan()
+    try:
+        plan = _plan()
+    except DMFExportError:  # e.g. a malformed $DMF_EXPORT_CUDA_ARCHS: said in one line by load(), not at import
+        return None
     if not plan.is_built():
         return None
     torch.ops.load_library(str(plan.info.library))

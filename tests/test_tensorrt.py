@@ -20,6 +20,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from cli_helpers import one_error_line, run_cli
@@ -431,7 +432,6 @@ def test_verify_accepts_the_engine_through_open_artifact(engines, checkpoint):
 def test_plugin_fields_survive_engine_serialisation(gpu_plugin):
     """A lone plugin layer with non-default fields: build, serialise, deserialise in a new
     runtime, run, and compare with the independent reference and the PyTorch op."""
-    import numpy as np
     import tensorrt as trt  # optional: only this tier has it
 
     ops.require()  # the PyTorch op is the second reference
