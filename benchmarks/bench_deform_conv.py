@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import dmf_export  # noqa: E402,F401  (registers dmf::deform_conv2d)
+from dmf_export import ops  # noqa: E402
 from dmf_export.ops import deform_conv2d  # noqa: E402
 
 THREADS = 2
@@ -145,12 +145,13 @@ def main() -> int:
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU comparison")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
+    build_info = ops.require()
 
     rows = []
     for out_channels in args.out_channels:
         if not args.no_cpu:
             rows.append(bench_cpu(args.batch, out_channels, args.runs))
-        if torch.cuda.is_available() and dmf_export.ops.build_info.with_cuda:
+        if torch.cuda.is_available() and build_info.with_cuda:
             rows.append(bench_cuda(args.batch, out_channels, args.runs))
     if args.json:
         print(json.dumps({"torch": torch.__version__, "results": rows}, indent=2))

@@ -23,6 +23,7 @@ from dmf_export.evaluate import predict as run_predict
 from dmf_export.export import SOLVERS, ExportOptions, export_checkpoint, format_options
 from dmf_export.formats.base import Option
 from dmf_export.triton import TritonServer, serve_forever, write_repository
+from dmf_export.tensorrt import plugin as trt_plugin
 from dmf_export.verify import describe_ties, verify_artifact
 
 
@@ -307,7 +308,7 @@ def op_library():
     A C++ program loads it (dlopen) before torch::jit::load of a TorchScript artifact or
     torch::inductor::AOTIModelPackageLoader of an AOTInductor package: examples/cpp/.
     """
-    build_info = ops.build_info
+    build_info = ops.require()
     _log(f"dmf::deform_conv2d for torch {torch.__version__}"
          f"{' with CUDA' if build_info.with_cuda else ' (CPU only: ' + str(build_info.without_cuda_reason) + ')'}")
     click.echo(str(build_info.library))
@@ -326,9 +327,7 @@ def build_plugin(tensorrt_root, out_dir):
     Load the library with tensorrt.get_plugin_registry().load_library(PATH) or
     trtexec --dynamicPlugins=PATH.
     """
-    from dmf_export.plugin_build import build_plugin as build
-
-    click.echo(str(build(tensorrt_root, out_dir, log=_log)))
+    click.echo(str(trt_plugin.build_plugin(tensorrt_root, out_dir, log=_log)))
 
 
 # -- evaluate and predict: accuracy on a dataset, answers for image files ---------------

@@ -6,31 +6,31 @@
 - ``plugin``: the project's own node, ``dmf::DMFDeformConv2d`` version 1, which the
   TensorRT plugin in ``plugins/`` implements (TensorRT's ONNX parser falls back to the
   plugin registry for nodes it does not know, by op type, ``plugin_version`` and
-  ``plugin_namespace``). Documented in ``plugins/README.md``.
+  ``plugin_namespace``: the plugin's identity, ``dmf_export.tensorrt.plugin``).
+  Documented in ``plugins/DMFDeformConv2dPlugin/README.md``.
 """
 from __future__ import annotations
 
 import onnxscript
 from onnxscript import opset19 as op
 
-PLUGIN_DOMAIN = "dmf"
-PLUGIN_OP = "DMFDeformConv2d"
-PLUGIN_VERSION = "1"
-PLUGIN_NAMESPACE = ""
+from dmf_export.tensorrt.plugin import ONNX_DOMAIN, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
+
 FLAVORS = ("standard", "plugin")
 
-_plugin_opset = onnxscript.values.Opset(PLUGIN_DOMAIN, 1)
+_plugin_opset = onnxscript.values.Opset(ONNX_DOMAIN, 1)
 
 
 def _plugin_schema():
     # onnxscript (≥ 0.6) and torch's ONNX tracer only call ops that have a schema, and
     # none is registered for a custom domain: hand one to the op directly (no global
-    # registration). Input, attribute names and types are the plugin's (plugins/README.md).
+    # registration). Input, attribute names and types are the plugin's
+    # (plugins/DMFDeformConv2dPlugin/README.md).
     from onnx.defs import OpSchema
 
     ints, integer, string = OpSchema.AttrType.INTS, OpSchema.AttrType.INT, OpSchema.AttrType.STRING
     return OpSchema(
-        PLUGIN_OP, PLUGIN_DOMAIN, 1,
+        PLUGIN_NAME, ONNX_DOMAIN, 1,
         doc="DCNv1 deformable convolution (no bias, no mask); the TensorRT plugin DMFDeformConv2d.",
         inputs=[OpSchema.FormalParameter(name, "T") for name in ("input", "offset", "weight")],
         outputs=[OpSchema.FormalParameter("output", "T")],
@@ -41,7 +41,7 @@ def _plugin_schema():
     )
 
 
-_plugin_op = onnxscript.values.Op(_plugin_opset, PLUGIN_OP, _plugin_schema())
+_plugin_op = onnxscript.values.Op(_plugin_opset, PLUGIN_NAME, _plugin_schema())
 
 
 def _per_sample(input, offset):

@@ -1,12 +1,21 @@
 """``dmf::deform_conv2d``: DCNv1 deformable convolution (forward only) as a PyTorch op.
 
-Importing this module loads (building on first use) the C++/CUDA library from ``csrc/``
-that defines the op, and registers what PyTorch needs around it: a fake (meta) kernel so
-``torch.export`` and the ONNX exporter can trace it with symbolic sizes, and an autograd
-formula that refuses to differentiate. Semantics: DMF_SPEC.md, "Deformable convolution".
+The op lives in a C++/CUDA library built from ``csrc/`` (``_build``). ``require()`` loads
+it, building it first when the cache holds none for this torch and these sources (about
+a minute, announced in one line on stderr), and registers what PyTorch needs around it: a
+fake (meta) kernel so ``torch.export`` and the ONNX exporter can trace it with symbolic
+sizes, an autograd formula that refuses to differentiate, and a CUDA kernel that says why
+a build has none. Everything that runs the op calls it first (the eager model's
+``DeformConv2d``, the TorchScript and AOTInductor runners, ``dmf-export op-library``).
+
+Importing this module only loads a library that is already built, never compiles: so
+``import dmf_export`` stays cheap for commands that never run the op, and a TorchScript
+file still loads with ``torch.jit.load`` after it once the op was built.
+Semantics: ``docs/op.md``.
 """
 from __future__ import annotations
 
+import threading
 from typing import List, Tuple, Union
 
 import torch
@@ -15,9 +24,7 @@ from torch import Tensor
 from dmf_export import _build
 from dmf_export.errors import DMFExportError
 
-__all__ = ["deform_conv2d", "build_info"]
-
-build_info: _build.BuildInfo = _build.load()
+__all__ = ["deform_conv2d", "require"]
 
 IntPair = Union[int, Tuple[int, int], List[int]]
 
@@ -51,7 +58,6 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, stride: IntPair
                                        int(groups), int(offset_groups))
 
 
-@torch.library.register_fake("dmf::deform_conv2d")
 def _deform_conv2d_fake(input, offset, weight, stride, padding, dilation, groups, offset_groups):
     torch._check(input.dim() == 4 and offset.dim() == 4 and weight.dim() == 4,
                  lambda: "dmf::deform_conv2d: input, offset and weight must be 4-D")
@@ -77,16 +83,33 @@ def _backward(ctx, grad_output):
     raise DMFExportError("dmf::deform_conv2d is forward-only (inference export); no gradient")
 
 
-torch.library.register_autograd("dmf::deform_conv2d", _backward, setup_context=_setup_context)
+def _register(info: _build.BuildInfo) -> _build.BuildInfo:
+    """What PyTorch needs around the op the library just defined (once per process)."""
+    torch.library.register_fake("dmf::deform_conv2d", _deform_conv2d_fake)
+    torch.library.register_autograd("dmf::deform_conv2d", _backward, setup_context=_setup_context)
+    if not info.with_cuda:
+        def missing_cuda(input, offset, weight, stride, padding, dilation, groups, offset_groups):
+            raise DMFExportError(f"dmf::deform_conv2d was built without CUDA ({info.without_cuda_reason})")
+
+        # A clear message instead of the dispatcher's "could not run with the CUDA backend".
+        torch.library.register_kernel("dmf::deform_conv2d", "cuda", missing_cuda)
+    return info
 
 
-
-def _deform_conv2d_missing_cuda(input, offset, weight, stride, padding, dilation, groups,
-                                offset_groups):
-    raise DMFExportError(f"dmf::deform_conv2d was built without CUDA "
-                         f"({build_info.without_cuda_reason})")
+_lock = threading.Lock()  # two threads' first use must not register twice
+_info: _build.BuildInfo | None = None
 
 
-if not build_info.with_cuda:
-    # A clear message instead of the dispatcher's "could not run with the CUDA backend".
-    torch.library.register_kernel("dmf::deform_conv2d", "cuda", _deform_conv2d_missing_cuda)
+def require() -> _build.BuildInfo:
+    """Make ``torch.ops.dmf.deform_conv2d`` usable in this process, building the library
+    first if needed; what was built (the library's path, whether it has CUDA kernels)."""
+    global _info
+    with _lock:
+        if _info is None:
+            _info = _register(_build.load())
+    return _info
+
+
+_built = _build.load_built()  # an existing build only: importing never compiles
+if _built is not None:
+    _info = _register(_built)

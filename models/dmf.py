@@ -36,6 +36,7 @@ class DeformConv2d(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
+        ops.require()  # every model runs, scripts or exports the op: build it now if needed
         self.weight = nn.Parameter(
             torch.empty(out_channels, in_channels, DEFORM_KERNEL, DEFORM_KERNEL))
         nn.init.kaiming_uniform_(self.weight, a=1.0)

@@ -1,7 +1,7 @@
 // The library's only exported symbols: the entry points that IPluginRegistry::loadLibrary
 // (Python: tensorrt.get_plugin_registry().load_library) and `trtexec --dynamicPlugins`
 // look for in a plugin shared library. Everything else is built with hidden visibility.
-#include "DMFDeformConv2dPlugin.h"
+#include "DMFDeformConv2dPlugin/DMFDeformConv2dPlugin.h"
 
 #if defined(_WIN32)
 #define DMF_PLUGIN_EXPORT __declspec(dllexport)

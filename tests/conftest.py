@@ -129,8 +129,9 @@ def cuda_unavailable_reason() -> str | None:
     with CUDA (a GPU machine without nvcc, or with a CPU-only torch, skips them)."""
     if not torch.cuda.is_available():
         return "no CUDA GPU"
-    from dmf_export.ops import build_info
+    from dmf_export import ops
 
+    build_info = ops.require()  # builds the op if needed: the CUDA tests run it anyway
     if not build_info.with_cuda:
         return f"dmf::deform_conv2d built without CUDA ({build_info.without_cuda_reason})"
     return None

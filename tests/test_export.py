@@ -94,14 +94,14 @@ def test_standard_onnx_uses_only_standard_ops_with_named_dynamic_axes(exported):
 
 
 def test_plugin_flavour_writes_the_plugin_node_instead_of_deformconv(exported):
-    from dmf_export.onnx_ops import PLUGIN_DOMAIN, PLUGIN_OP
+    from dmf_export.tensorrt.plugin import ONNX_DOMAIN, PLUGIN_NAME
 
     _, (path,) = exported(64, 3, "onnx", onnx_flavor="plugin")
     model = onnx.load(str(path))
-    nodes = [n for n in model.graph.node if n.op_type == PLUGIN_OP]
+    nodes = [n for n in model.graph.node if n.op_type == PLUGIN_NAME]
     assert len(nodes) == 1 and "DeformConv" not in {n.op_type for n in model.graph.node}
     node = nodes[0]
-    assert node.domain == PLUGIN_DOMAIN == "dmf"
+    assert node.domain == ONNX_DOMAIN == "dmf"
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     assert attrs["stride"] == [1, 1] and attrs["padding"] == [1, 1] and attrs["dilation"] == [1, 1]
     assert attrs["groups"] == 1 and attrs["offset_groups"] == 1
@@ -123,12 +123,12 @@ TENSORRT_DYNAMIC_OPS = {
 
 @pytest.mark.parametrize("groups,kernel", CONFIGS)
 def test_plugin_flavour_uses_only_ops_tensorrt_parses_with_dynamic_shapes(exported, groups, kernel):
-    from dmf_export.onnx_ops import PLUGIN_OP
+    from dmf_export.tensorrt.plugin import PLUGIN_NAME
 
     _, (path,) = exported(groups, kernel, "onnx", onnx_flavor="plugin")
     ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
-    assert PLUGIN_OP in ops
-    assert ops - {PLUGIN_OP} <= TENSORRT_DYNAMIC_OPS, ops - {PLUGIN_OP} - TENSORRT_DYNAMIC_OPS
+    assert PLUGIN_NAME in ops
+    assert ops - {PLUGIN_NAME} <= TENSORRT_DYNAMIC_OPS, ops - {PLUGIN_NAME} - TENSORRT_DYNAMIC_OPS
 
 
 def _fp16_evaluator(model):

@@ -18,14 +18,15 @@ import numpy as np
 import pytest
 import torch
 
-from dmf_export import _build
+from dmf_export import _build, ops, toolchain
 from dmf_export.errors import DMFExportError
-from dmf_export.ops import build_info, deform_conv2d
+from dmf_export.ops import deform_conv2d
 from dmf_export.paths import source_dir
 from reference_dcn import deform_conv2d_reference
 
 REPO = Path(__file__).resolve().parent.parent
 KERNELS = source_dir("csrc") / "kernels"
+build_info = ops.require()  # every test here runs the op
 
 
 def _pair(v):
@@ -438,14 +439,26 @@ def test_build_key_changes_with_torch_and_sources(tmp_path, monkeypatch):
     csrc = tmp_path / "csrc"
     shutil.copytree(source_dir("csrc"), csrc)
     every = lambda: _build._sources(csrc, False)[1]  # noqa: E731
-    key = _build._build_key(csrc, every(), False, [])
-    assert _build._build_key(csrc, every(), True, []) != key
+    key = _build._build_key(csrc, every(), None, [])
+    cuda = toolchain.CudaToolkit(tmp_path / "cuda", "13.0")
+    assert _build._build_key(csrc, every(), cuda, []) != key
+    assert _build._build_key(csrc, every(), cuda, ["-gencode=arch=compute_90,code=sm_90"]) \
+        != _build._build_key(csrc, every(), cuda, [])
     sampler = csrc / "kernels" / "deform_sampler.h"
     sampler.write_text(sampler.read_text() + "\n// changed\n")
-    changed_source = _build._build_key(csrc, every(), False, [])
+    changed_source = _build._build_key(csrc, every(), None, [])
     assert changed_source != key
     monkeypatch.setattr(torch, "__version__", "0.0.0+other")
-    assert _build._build_key(csrc, every(), False, []) not in (key, changed_source)
+    assert _build._build_key(csrc, every(), None, []) not in (key, changed_source)
+
+
+def test_a_library_is_loaded_at_import_only_when_built_for_this_torch(tmp_path, monkeypatch):
+    with monkeypatch.context() as empty:
+        empty.setenv("DMF_EXPORT_CACHE", str(tmp_path))
+        assert _build.load_built() is None and list(tmp_path.iterdir()) == []  # nothing compiled
+    assert _build.load_built() == build_info  # the one this session built
+    monkeypatch.setattr(torch, "__version__", "0.0.0+other")
+    assert _build.load_built() is None
 
 
 def test_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
@@ -541,7 +554,8 @@ def test_cuda_empty_batch_and_non_contiguous():
 
 
 def _cuda_home():
-    return _build._cuda_home()
+    cuda = toolchain.find_cuda()
+    return cuda.home if cuda else None
 
 
 @pytest.mark.skipif(_cuda_home() is None, reason="no CUDA toolkit (nvcc) found")

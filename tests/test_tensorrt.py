@@ -13,26 +13,38 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from cli_helpers import one_error_line, run_cli
+from dmf_export import _build, load_checkpoint, ops, toolchain
+from dmf_export.checkpoint import write_random_checkpoint
+from dmf_export.contract import TOLERANCES, EpisodeSize, make_episode
 from dmf_export.errors import DMFExportError
+from dmf_export.export import ExportOptions, export_checkpoint
+from dmf_export.formats import open_artifact, read_info
+from dmf_export.onnx_ops import _plugin_schema
+from dmf_export.ops import deform_conv2d
+from dmf_export.tensorrt import plugin as trt_plugin
+from dmf_export.tensorrt.plugin import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from dmf_export.tensorrt.runner import EngineRunner
+from dmf_export.verify import compare, verify_artifact
+from reference_dcn import deform_conv2d_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
 
 def _cuda_toolkit_or_skip():
-    from dmf_export.plugin_build import find_cuda
-
     try:
-        return find_cuda()
+        return toolchain.require_cuda()
     except DMFExportError as err:
         pytest.skip(f"no CUDA toolkit to compile the plugin: {err}")
 
@@ -44,9 +56,7 @@ def tensorrt_include():
     root = os.environ.get("TENSORRT_ROOT")
     if not root:
         pytest.skip("TENSORRT_ROOT is not set: point it at TensorRT's headers to compile the plugin")
-    from dmf_export.plugin_build import find_tensorrt
-
-    return find_tensorrt(root).include
+    return trt_plugin.find_tensorrt(root).include
 
 
 @pytest.fixture(scope="module")
@@ -111,19 +121,15 @@ def _fields(text: str) -> dict[str, list[int]]:
 
 
 def test_creator_is_found_under_the_onnx_nodes_name_version_and_namespace(probe):
-    from dmf_export.onnx_ops import PLUGIN_NAMESPACE, PLUGIN_OP, PLUGIN_VERSION
-
     assert probe["entry_points"] == "1 1" and probe["creators"] == "1"
     assert probe["creator_kind"] == "PLUGIN CREATOR_V3ONE 1.0"
-    assert probe["creator_id"] == f"{PLUGIN_OP}|{PLUGIN_VERSION}|{PLUGIN_NAMESPACE}"
+    assert probe["creator_id"] == f"{PLUGIN_NAME}|{PLUGIN_VERSION}|{PLUGIN_NAMESPACE}"
     assert probe["plugin_id"] == probe["creator_id"]
     assert probe["capability_kinds"] == "PLUGIN_V3ONE_CORE PLUGIN_V3ONE_BUILD PLUGIN_V3ONE_RUNTIME"
     assert probe["nb_outputs"] == "1"
 
 
 def test_creator_asks_for_the_onnx_nodes_attributes_as_int32(probe):
-    from dmf_export.onnx_ops import _plugin_schema
-
     expected = {name for name in _plugin_schema().attributes if not name.startswith("plugin_")}
     fields = _fields(probe["field_names"])
     assert set(fields) == expected == {"stride", "padding", "dilation", "groups", "offset_groups"}
@@ -139,8 +145,6 @@ def test_plugin_fields_round_trip_through_serialisation_clone_and_runtime_creati
 
 
 def test_fields_missing_take_the_ops_defaults_and_one_value_serves_both_axes(probe):
-    from dmf_export.ops import deform_conv2d
-
     defaults = {name: p.default for name, p in inspect.signature(deform_conv2d).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     expected = {name: [value, value] if name in ("stride", "padding", "dilation") else [value]
@@ -188,9 +192,7 @@ def test_build_plugin_with_an_empty_tensorrt_root_is_one_clear_line(tmp_path):
 
 
 def test_build_plugin_without_any_headers_is_one_clear_line(tmp_path, monkeypatch):
-    from dmf_export import plugin_build
-
-    monkeypatch.setattr(plugin_build, "SYSTEM_TENSORRT", (str(tmp_path),))  # "no system install"
+    monkeypatch.setattr(trt_plugin, "SYSTEM_TENSORRT", (str(tmp_path),))  # "no system install"
     code, output = run_cli("build-plugin", env={"TENSORRT_ROOT": None})
     assert code != 0
     line = one_error_line(output)
@@ -219,10 +221,71 @@ def test_build_plugin_refuses_tensorrt_8_headers(tmp_path):
     assert code != 0 and "8.6.1" in one_error_line(output)
 
 
+# --------------------------------------------------------------------------- the build, without TensorRT
+
+def _fake_headers(folder: Path) -> trt_plugin.TensorRTHeaders:
+    folder.mkdir(parents=True)
+    (folder / "NvInferRuntime.h").write_text("")
+    (folder / "NvInferVersion.h").write_text("#define TRT_MAJOR_ENTERPRISE 10\n#define NV_TENSORRT_MAJOR TRT_MAJOR_ENTERPRISE\n"
+                                             "#define NV_TENSORRT_MINOR 16\n#define NV_TENSORRT_PATCH 1\n")
+    return trt_plugin.find_tensorrt(folder)
+
+
+# sm_75, sm_80, sm_90 code and compute_90 PTX, unless DMF_EXPORT_CUDA_ARCHS says otherwise
+DEFAULT_GENCODE = ["-gencode=arch=compute_75,code=sm_75", "-gencode=arch=compute_80,code=sm_80",
+                   "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90,code=compute_90"]
+
+
+def test_build_files_compile_every_plugin_source_and_the_shared_kernel(tmp_path, monkeypatch):
+    monkeypatch.delenv(toolchain.CUDA_ARCHS_ENV, raising=False)
+    headers = _fake_headers(tmp_path / "trt" / "include")
+    assert headers.version == "10.16.1"  # read through NvInferVersion.h's aliases
+    cuda = toolchain.CudaToolkit(tmp_path / "cuda", "13.0")
+    build_dir = tmp_path / "build"
+    build_dir.mkdir()
+    ninja_file = trt_plugin.write_build_files(build_dir, headers, cuda, "c++", toolchain.cuda_arch_flags())
+    text = ninja_file.read_text()
+    compiled = {Path(line.split()[-1]).relative_to(ROOT).as_posix()
+                for line in text.splitlines() if line.startswith("build ") and (": cxx " in line or ": cuda " in line)}
+    assert compiled == {"plugins/pluginEntry.cpp", "plugins/DMFDeformConv2dPlugin/DMFDeformConv2dPlugin.cpp",
+                        "csrc/kernels/deform_conv_cuda.cu"}
+    nvcc_flags = next(line for line in text.splitlines() if line.startswith("nvccflags = ")).split()
+    assert [f for f in nvcc_flags if f.startswith("-gencode")] == DEFAULT_GENCODE
+    assert f"build {trt_plugin.LIBRARY_NAME}: link" in text
+    exported = re.findall(r"^\s+(\w+);", (build_dir / "exports.map").read_text(), flags=re.MULTILINE)
+    assert exported == ["getCreators", "setLoggerFinder"]
+
+
+def test_the_op_and_the_plugin_compile_for_the_same_gpus(tmp_path, monkeypatch):
+    cuda = toolchain.CudaToolkit(tmp_path / "cuda", "13.0")
+    monkeypatch.setattr(toolchain, "find_cuda", lambda: cuda)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")  # as a CUDA build of torch would
+    monkeypatch.delenv("DMF_EXPORT_NO_CUDA", raising=False)
+    monkeypatch.delenv(toolchain.CUDA_ARCHS_ENV, raising=False)
+    assert _build._plan().cuda_flags == DEFAULT_GENCODE
+    monkeypatch.setenv(toolchain.CUDA_ARCHS_ENV, "8.6;sm_90")
+    assert _build._plan().cuda_flags == toolchain.cuda_arch_flags() == [
+        "-gencode=arch=compute_86,code=sm_86", "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90"]
+    monkeypatch.setenv(toolchain.CUDA_ARCHS_ENV, "ampere")
+    with pytest.raises(DMFExportError, match="DMF_EXPORT_CUDA_ARCHS='ampere'"):
+        toolchain.cuda_arch_flags()
+
+
+def test_a_cuda_home_that_is_not_a_toolkit_is_named_not_passed_over(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    with pytest.raises(DMFExportError, match=f"CUDA_HOME={tmp_path}"):
+        toolchain.require_cuda()
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("")
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cuda_runtime.h").write_text("")
+    (tmp_path / "include" / "cuda.h").write_text("#define CUDA_VERSION 12080\n")
+    assert toolchain.require_cuda() == toolchain.CudaToolkit(tmp_path.resolve(), "12.8")
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from dmf_export.checkpoint import write_random_checkpoint
-
     return write_random_checkpoint(tmp_path_factory.mktemp("trt") / "m.pth.tar", seed=5)
 
 
@@ -246,8 +309,6 @@ def test_verify_of_an_engine_without_tensorrt_is_one_clear_line(checkpoint, tmp_
 
 
 def test_engine_description_is_read_without_tensorrt(tmp_path):
-    from dmf_export.formats import read_info
-
     engine = tmp_path / "m.engine"
     engine.write_bytes(b"not read")
     (tmp_path / "m.engine.json").write_text('{"artifact": {"format": "tensorrt", "precision": "fp16", '
@@ -291,21 +352,17 @@ def gpu_plugin():
         pytest.skip("TensorRT's Python package is not installed")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
-    from dmf_export.plugin_build import build_plugin
-
     library = os.environ.get("DMF_EXPORT_TRT_PLUGIN")
     if library:
         return Path(library)
     try:
-        return build_plugin()
+        return trt_plugin.build_plugin()
     except DMFExportError as err:
         pytest.skip(f"cannot build the plugin here ({err}); set DMF_EXPORT_TRT_PLUGIN or TENSORRT_ROOT")
 
 
 @pytest.fixture(scope="module")
 def engines(gpu_plugin, checkpoint, tmp_path_factory):
-    from dmf_export.export import ExportOptions, export_checkpoint
-
     out = tmp_path_factory.mktemp("engines")
     built = {}
     for precision in ("fp32", "fp16"):
@@ -319,8 +376,6 @@ def engines(gpu_plugin, checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def eager(checkpoint):
-    from dmf_export import load_checkpoint
-
     return load_checkpoint(checkpoint)
 
 
@@ -329,10 +384,6 @@ SIZES = [(5, 1, 4), (5, 5, 3), (3, 2, 2), (10, 1, 2), (1, 1, 1), (10, 5, 16)]
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_engine_matches_the_eager_model_inside_the_profile(engines, eager, precision):
-    from dmf_export.contract import TOLERANCES, EpisodeSize, make_episode
-    from dmf_export.formats.tensorrt import EngineRunner
-    from dmf_export.verify import compare
-
     runner = EngineRunner(engines[precision])
     assert runner.backend == "tensorrt" and runner.info.format == "tensorrt" and runner.info.precision == precision
     for seed, (way, shot, queries) in enumerate(SIZES):
@@ -351,9 +402,7 @@ def test_engine_matches_the_eager_model_inside_the_profile(engines, eager, preci
 
 
 def test_engine_description_says_what_it_is(engines):
-    import json
-
-    import tensorrt
+    import tensorrt  # optional: only this tier has it
 
     meta = json.loads(Path(f"{engines['fp16']}.json").read_text())
     assert meta["tensorrt_version"] == tensorrt.__version__ and meta["precision"] == "fp16"
@@ -364,22 +413,17 @@ def test_engine_description_says_what_it_is(engines):
 
 
 def test_shape_outside_the_profile_names_the_axis_and_the_range(engines):
-    from dmf_export.contract import EpisodeSize, make_episode
-    from dmf_export.formats.tensorrt import EngineRunner
-
     runner = EngineRunner(engines["fp32"])
     with pytest.raises(DMFExportError, match=r"query has 17 queries \(Q\) on axis 0; .*allows 1\.\.16"):
         runner(*make_episode(EpisodeSize(5, 1, 17), IMAGE))
     with pytest.raises(DMFExportError, match=r"support_labels has 11 classes \(way\) on axis 1; .*allows 1\.\.10"):
         runner(*make_episode(EpisodeSize(11, 1, 2), IMAGE))
-    with pytest.raises(DMFExportError, match=r"support has 48 rows \(image height\) on axis 2; .*exactly 32"):
+    # the image size is the episode check's, before the engine (Runner.__call__)
+    with pytest.raises(DMFExportError, match=r"support is 48×48, expected 32×32"):
         runner(*make_episode(EpisodeSize(2, 1, 2), 48))
 
 
 def test_verify_accepts_the_engine_through_open_artifact(engines, checkpoint):
-    from dmf_export.formats import open_artifact
-    from dmf_export.verify import verify_artifact
-
     assert type(open_artifact(engines["fp32"])).__name__ == "EngineRunner"
     report = verify_artifact(str(engines["fp32"]), str(checkpoint))
     assert report.backend == "tensorrt" and report.passed, report.to_dict()
@@ -388,14 +432,10 @@ def test_verify_accepts_the_engine_through_open_artifact(engines, checkpoint):
 def test_plugin_fields_survive_engine_serialisation(gpu_plugin):
     """A lone plugin layer with non-default fields: build, serialise, deserialise in a new
     runtime, run, and compare with the independent reference and the PyTorch op."""
-    import numpy as np
-    import tensorrt as trt
+    import tensorrt as trt  # optional: only this tier has it
 
-    from dmf_export.ops import deform_conv2d
-    from dmf_export.formats.tensorrt import load_plugin_library
-    from reference_dcn import deform_conv2d_reference
-
-    load_plugin_library(trt, gpu_plugin)
+    ops.require()  # the PyTorch op is the second reference
+    trt_plugin.load_plugin_library(trt, gpu_plugin)
     stride, padding, dilation, groups, offset_groups = (2, 1), (1, 2), (2, 1), 2, 2
     # H = 9: (9 + 2 - 5) // 2 + 1 = 4; W = 11: (11 + 4 - 3) // 1 + 1 = 13; offsets 2·2·9 = 36
     out_h, out_w, offset_channels = 4, 13, 36
@@ -406,7 +446,7 @@ def test_plugin_fields_survive_engine_serialisation(gpu_plugin):
     x = network.add_input("input", trt.float32, (-1, 4, 9, 11))
     off = network.add_input("offset", trt.float32, (-1, offset_channels, out_h, out_w))
     w = network.add_input("weight", trt.float32, (6, 2, 3, 3))
-    creator = trt.get_plugin_registry().get_creator("DMFDeformConv2d", "1", "")
+    creator = trt.get_plugin_registry().get_creator("DMFDeformConv2d", "1", "")  # the node's, as the C++ says
     field = lambda name, values: trt.PluginField(name, np.array(values, dtype=np.int32),  # noqa: E731
                                                  trt.PluginFieldType.INT32)
     fields = trt.PluginFieldCollection([field("stride", stride), field("padding", padding),
@@ -455,15 +495,12 @@ def test_plugin_fields_survive_engine_serialisation(gpu_plugin):
 @pytest.mark.parametrize("driver,runtime,refused", [("12.4", "13.0", True), ("13.0", "13.0", False),
                                                     ("13.1", "12.8", False), (None, "13.0", False)])
 def test_a_driver_older_than_the_plugins_cuda_runtime_is_one_clear_line(monkeypatch, driver, runtime, refused):
-    from dmf_export import plugin_build
-    from dmf_export.errors import DMFExportError
-
-    monkeypatch.setattr(plugin_build, "driver_cuda_version", lambda: driver)
+    monkeypatch.setattr(trt_plugin, "driver_cuda_version", lambda: driver)
     warnings = []
     if refused:
         with pytest.raises(DMFExportError, match=f"links the CUDA {runtime} runtime.*supports CUDA {driver}"):
-            plugin_build.check_driver(runtime, "the plugin", strict=True)
+            trt_plugin.check_driver(runtime, "the plugin", strict=True)
     else:
-        plugin_build.check_driver(runtime, "the plugin", strict=True)
-    plugin_build.check_driver(runtime, "the plugin", log=warnings.append)  # building: a warning at most
+        trt_plugin.check_driver(runtime, "the plugin", strict=True)
+    trt_plugin.check_driver(runtime, "the plugin", log=warnings.append)  # building: a warning at most
     assert len(warnings) == int(refused)

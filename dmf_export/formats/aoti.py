@@ -3,8 +3,8 @@ Python loads with ``torch._inductor.aoti_load_package`` and libtorch C++ with
 ``torch::inductor::AOTIModelPackageLoader``, with no Python at run time.
 
 ``dmf::deform_conv2d`` is not an Inductor kernel: the package calls it through PyTorch's
-dispatcher, so the op library must be loaded first (``import dmf_export`` in Python; in
-C++ ``dlopen`` of the path ``dmf-export op-library`` prints). A package is compiled for
+dispatcher, so the op library must be loaded first (the runner does it, building it if
+needed; in C++ ``dlopen`` of the path ``dmf-export op-library`` prints). A package is compiled for
 one device (``--device``), and on a CPU for this CPU's vector instructions.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from dmf_export import ops
 from dmf_export.contract import METADATA_KEY, ArtifactInfo
 from dmf_export.errors import DMFExportError
 from dmf_export.formats import _trace
@@ -85,8 +86,7 @@ class AOTInductor(Format):
         return info
 
     def open(self, path: Path, info: ArtifactInfo, run: RunOptions) -> Runner:
-        import dmf_export.ops  # noqa: F401  (the package calls dmf::deform_conv2d through the dispatcher)
-
+        ops.require()  # the package calls dmf::deform_conv2d through the dispatcher
         device = torch.device(run.device)
         if device.type != (info.device or "cpu"):
             raise DMFExportError(f"{path} is compiled for {info.device}; run it there (--device "

@@ -1,6 +1,7 @@
-"""TorchScript (``.ts``): ``torch.jit.load(path)(support, support_labels, query)`` from Python
-after ``import dmf_export``, or from libtorch C++ after loading the op library
-(``dmf-export op-library``). Deprecated upstream, still what libtorch serving loads."""
+"""TorchScript (``.ts``): ``dmf_export.load_torchscript(path)(support, support_labels, query)``
+from Python (or ``torch.jit.load`` after ``import dmf_export`` once the op is built), or from
+libtorch C++ after loading the op library (``dmf-export op-library``). Deprecated upstream,
+still what libtorch serving loads."""
 from __future__ import annotations
 
 import warnings
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from dmf_export import ops
 from dmf_export.contract import METADATA_KEY, ArtifactInfo
 from dmf_export.errors import DMFExportError
 from dmf_export.formats._torch import torch_graphs
@@ -15,9 +17,16 @@ from dmf_export.formats.base import Format, Runner, RunOptions, split_partner
 
 
 def _jit_load(path, **kwargs):
+    ops.require()  # the graph calls dmf::deform_conv2d
     with warnings.catch_warnings():  # TorchScript's deprecation notice is not the user's concern
         warnings.simplefilter("ignore", DeprecationWarning)
         return torch.jit.load(str(path), **kwargs)
+
+
+def load_torchscript(path, map_location=None) -> torch.jit.ScriptModule:
+    """``torch.jit.load`` of a dmf-export TorchScript file, building dmf::deform_conv2d
+    first if this machine has not yet."""
+    return _jit_load(path, map_location=map_location)
 
 
 class TorchScript(Format):
@@ -36,8 +45,6 @@ class TorchScript(Format):
             torch.jit.save(scripted, str(path), _extra_files={METADATA_KEY: info.to_json()})
 
     def read_info(self, path: Path) -> ArtifactInfo:
-        import dmf_export.ops  # noqa: F401  (the graph calls dmf::deform_conv2d)
-
         extra = {METADATA_KEY: ""}
         _jit_load(path, map_location="cpu", _extra_files=extra)
         if not extra[METADATA_KEY]:
@@ -45,8 +52,6 @@ class TorchScript(Format):
         return ArtifactInfo.from_json(extra[METADATA_KEY])
 
     def open(self, path: Path, info: ArtifactInfo, run: RunOptions) -> Runner:
-        import dmf_export.ops  # noqa: F401
-
         partner = split_partner(path, info) if info.graph != "episode" else None
         load = lambda file, device: _jit_load(file, map_location=device).eval()  # noqa: E731
         graphs, context = torch_graphs(load, path, partner, info, run)

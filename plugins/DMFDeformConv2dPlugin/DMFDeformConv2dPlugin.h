@@ -1,8 +1,9 @@
 // TensorRT plugin (IPluginV3) for DMF's DCNv1 deformable convolution: the TensorRT skin
 // over dmf::deform_conv2d_forward_cuda (csrc/kernels/), which knows nothing of TensorRT.
 // Name "DMFDeformConv2d", version "1", namespace "": the op type, plugin_version and
-// plugin_namespace of the plugin-flavour ONNX node (dmf_export/onnx_ops.py), so that
-// TensorRT's ONNX parser finds it in the plugin registry. Documented in README.md.
+// plugin_namespace of the plugin-flavour ONNX node (Python's copy of this identity:
+// dmf_export/tensorrt/plugin.py), so that TensorRT's ONNX parser finds it in the plugin
+// registry. Documented in README.md (this folder).
 #pragma once
 
 #include <NvInferRuntime.h>

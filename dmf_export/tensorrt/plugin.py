@@ -1,10 +1,17 @@
-"""Builds the TensorRT plugin library (``plugins/`` over ``csrc/kernels/``) with ninja.
+"""The TensorRT plugin ``DMFDeformConv2d``: who it is, building its library, loading it.
 
-No PyTorch and no TensorRT *libraries* are needed: only TensorRT's headers, a CUDA
-toolkit (nvcc) and a C++ compiler. The library links the CUDA runtime statically and
-nothing of TensorRT (TensorRT finds the plugin through its two exported entry points,
-``getCreators`` and ``setLoggerFinder``), so it loads into whatever TensorRT process
-has the same major version as the headers it was compiled against.
+Identity: the creator's name, version and namespace, which are also the op type,
+``plugin_version`` and ``plugin_namespace`` of the ONNX node ``onnx_ops`` writes (in
+domain ``ONNX_DOMAIN``); TensorRT's ONNX parser finds the plugin in its registry by
+them. Defined here once; importing this module imports neither TensorRT nor torch.
+
+Building (``build_plugin``, ``dmf-export build-plugin``): ``plugins/`` over
+``csrc/kernels/`` with ninja. No PyTorch and no TensorRT *libraries* are needed: only
+TensorRT's headers, a CUDA toolkit (nvcc) and a C++ compiler. The library links the
+CUDA runtime statically and nothing of TensorRT (TensorRT finds the plugin through its
+two exported entry points, ``getCreators`` and ``setLoggerFinder``), so it loads into
+whatever TensorRT process has the same major version as the headers it was compiled
+against.
 
 Where things are found:
 - TensorRT headers: ``--tensorrt-root`` (``tensorrt_root``), else ``$TENSORRT_ROOT``;
@@ -12,32 +19,37 @@ Where things are found:
   when one is given it must hold the headers. Else the usual installs:
   ``/usr/include/x86_64-linux-gnu`` (NVIDIA's Debian/Ubuntu packages),
   ``/usr/local/tensorrt``, ``/opt/tensorrt``, …
-- CUDA: ``$CUDA_HOME`` / ``$CUDA_PATH``, the toolkit around the ``nvcc`` on ``PATH``,
-  ``/usr/local/cuda``: the first folder with ``bin/nvcc`` and ``include/cuda_runtime.h``.
-- C++ compiler: ``$CXX``, else ``c++``. GPU architectures: ``$DMF_EXPORT_CUDA_ARCHS``
-  (e.g. ``"80;90"``), else sm_75, sm_80 and sm_90 code plus compute_90 PTX.
+- CUDA, the C++ compiler, ninja, the GPU architectures and the cache folder: as for the
+  op, ``dmf_export.toolchain``.
 
-The build goes to ``$DMF_EXPORT_CACHE/plugin/<key>`` (default ``~/.cache/dmf_export``),
-where the key hashes the sources, the TensorRT and CUDA versions, the compiler and the
-flags, so a library is never reused for other sources or another TensorRT.
+The build goes to ``<cache>/plugin/<key>``, where the key hashes the sources, the
+TensorRT and CUDA versions, the compiler and the flags, so a library is never reused for
+other sources or another TensorRT.
 """
 from __future__ import annotations
 
-import contextlib
+import ctypes
 import dataclasses
-import hashlib
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
+from dmf_export import toolchain
 from dmf_export.errors import DMFExportError
 from dmf_export.paths import source_dir
 
+# -- identity (plugins/DMFDeformConv2dPlugin/DMFDeformConv2dPlugin.h says the same in C++)
+PLUGIN_NAME = "DMFDeformConv2d"  # = the ONNX node's op type
+PLUGIN_VERSION = "1"
+PLUGIN_NAMESPACE = ""
+ONNX_DOMAIN = "dmf"
+
+PLUGIN_ENV = "DMF_EXPORT_TRT_PLUGIN"  # a library to load instead of the one an engine names
 LIBRARY_NAME = "libdmf_trt_plugin.so"
 EXPORTED_SYMBOLS = ("getCreators", "setLoggerFinder")
 # Searched, in order, when neither --tensorrt-root nor TENSORRT_ROOT is given.
@@ -46,14 +58,13 @@ SYSTEM_TENSORRT = (
     "/opt/tensorrt", "/usr/local/TensorRT", "/opt/TensorRT", "/usr/include", "/usr/local/include",
 )
 MIN_TENSORRT_MAJOR = 10  # IPluginV3 and the ONNX parser's IPluginV3 fallback
-# sm_80 code also runs on 8.6/8.9 and sm_90 on the H100/H200; the compute_90 PTX is
-# JIT-compiled for newer GPUs. sm_75 covers the T4, a common TensorRT target.
-DEFAULT_CUDA_ARCHS = ("75", "80", "90")
 _KERNEL_SOURCES = ("deform_conv_cuda.cu", "deform_conv_cuda.h", "deform_conv_shape.h", "deform_sampler.h")
 _CXX_FLAGS = ("-std=c++17", "-O3", "-fPIC", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
               "-Wall", "-Wextra")
 _NVCC_FLAGS = ("-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden")
 
+
+# ------------------------------------------------------------------------- TensorRT headers
 
 @dataclasses.dataclass(frozen=True)
 class TensorRTHeaders:
@@ -63,20 +74,6 @@ class TensorRTHeaders:
     @property
     def major(self) -> int:
         return int(self.version.split(".")[0])
-
-
-@dataclasses.dataclass(frozen=True)
-class CudaToolkit:
-    home: Path
-    nvcc: Path
-    version: str  # e.g. "13.0" (from cuda.h)
-
-    @property
-    def library_dir(self) -> Path:
-        for name in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):
-            if (self.home / name / "libcudart_static.a").is_file():
-                return self.home / name
-        return self.home / "lib64"
 
 
 def _headers_in(folder: Path) -> Path | None:
@@ -127,82 +124,21 @@ def find_tensorrt(tensorrt_root: str | os.PathLike | None = None) -> TensorRTHea
     return headers
 
 
-def _is_cuda_toolkit(home) -> bool:
-    return bool(home) and (Path(home) / "bin" / "nvcc").is_file() and (Path(home) / "include" / "cuda_runtime.h").is_file()
-
-
-def find_cuda() -> CudaToolkit:
-    # nvcc on PATH may be a wrapper script (/usr/local/bin/nvcc → exec …/cuda-13.0/bin/nvcc):
-    # only a folder with bin/nvcc *and* include/cuda_runtime.h counts as a toolkit.
-    for variable in ("CUDA_HOME", "CUDA_PATH"):  # named by the user: use it or say what is wrong
-        if os.environ.get(variable):
-            if not _is_cuda_toolkit(os.environ[variable]):
-                raise DMFExportError(f"nvcc (the CUDA compiler) not found in {variable}={os.environ[variable]} "
-                                     "(expected bin/nvcc and include/cuda_runtime.h there)")
-            break
-    nvcc = shutil.which("nvcc")
-    candidates = (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
-                  Path(nvcc).resolve().parent.parent if nvcc else None, "/usr/local/cuda")
-    home = next((Path(h) for h in candidates if _is_cuda_toolkit(h)), None)
-    if home is None:
-        raise DMFExportError("nvcc (the CUDA compiler) not found: set CUDA_HOME to a CUDA toolkit folder "
-                             "(one with bin/nvcc and include/cuda_runtime.h)")
-    match = re.search(r"^\s*#\s*define\s+CUDA_VERSION\s+(\d+)", (home / "include" / "cuda.h").read_text()
-                      if (home / "include" / "cuda.h").is_file() else "", flags=re.MULTILINE)
-    version = f"{int(match.group(1)) // 1000}.{int(match.group(1)) % 1000 // 10}" if match else "unknown"
-    return CudaToolkit(home.resolve(), home.resolve() / "bin" / "nvcc", version)
-
-
-def _ninja() -> str:
-    found = shutil.which("ninja") or shutil.which("ninja", path=str(Path(sys.executable).parent))
-    if found:
-        return found
-    with contextlib.suppress(ImportError):
-        import ninja  # the PyPI package (a dependency of dmf-export)
-
-        candidate = Path(ninja.BIN_DIR) / "ninja"
-        if candidate.is_file():
-            return str(candidate)
-    raise DMFExportError("ninja not found: pip install ninja")
-
-
-def _cxx() -> str:
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        raise DMFExportError(f"no C++ compiler found ('{compiler}'): install g++ or point CXX at one")
-    return compiler
-
-
-def cuda_arch_flags() -> list[str]:
-    archs = [a.strip().replace(".", "").removeprefix("sm_") for a in
-             re.split(r"[;, ]+", os.environ.get("DMF_EXPORT_CUDA_ARCHS", "")) if a.strip()]
-    archs = archs or list(DEFAULT_CUDA_ARCHS)
-    if not all(a.isdigit() for a in archs):
-        raise DMFExportError(f"DMF_EXPORT_CUDA_ARCHS={os.environ['DMF_EXPORT_CUDA_ARCHS']!r}: expected e.g. '80;90'")
-    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    return flags + [f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
-
+# ------------------------------------------------------------------------- building
 
 def plugin_sources() -> tuple[list[Path], list[Path]]:
-    """(C++ files of plugins/, the CUDA launcher's files of csrc/kernels/)."""
+    """(C++ files of plugins/: the library's entry points and every plugin folder's files,
+    the CUDA launcher's files of csrc/kernels/)."""
     plugins, kernels = source_dir("plugins"), source_dir("csrc") / "kernels"
-    cpp = sorted(p for p in plugins.iterdir() if p.suffix in (".cpp", ".h") and p.is_file())
+    cpp = sorted(p for p in plugins.rglob("*") if p.suffix in (".cpp", ".h") and p.is_file())
     return cpp, [kernels / name for name in _KERNEL_SOURCES]
 
 
-def _cache_root() -> Path:
-    root = os.environ.get("DMF_EXPORT_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "dmf_export"
-
-
-def _build_key(files: list[Path], trt: TensorRTHeaders, cuda: CudaToolkit, cxx: str, arch_flags: list[str]) -> str:
-    h = hashlib.sha256()
-    for part in (trt.version, str(trt.include), cuda.version, str(cuda.home), cxx, " ".join(_CXX_FLAGS),
-                 " ".join(_NVCC_FLAGS), " ".join(arch_flags), sys.platform):
-        h.update(part.encode() + b"\0")
-    for path in files:
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:20]
+def _build_key(files: list[Path], trt: TensorRTHeaders, cuda: toolchain.CudaToolkit, cxx: str,
+               arch_flags: list[str]) -> str:
+    parts = (trt.version, str(trt.include), cuda.version, str(cuda.home), cxx, " ".join(_CXX_FLAGS),
+             " ".join(_NVCC_FLAGS), " ".join(arch_flags), sys.platform)
+    return toolchain.build_key(parts, ((f"{p.parent.name}/{p.name}", p) for p in files))
 
 
 def _ninja_path(path: Path | str) -> str:
@@ -215,18 +151,17 @@ def _command(args) -> str:
     return " ".join(shlex.quote(str(a)) for a in args).replace("$", "$$")
 
 
-def write_build_files(build_dir: Path, trt: TensorRTHeaders, cuda: CudaToolkit, cxx: str,
+def write_build_files(build_dir: Path, trt: TensorRTHeaders, cuda: toolchain.CudaToolkit, cxx: str,
                       arch_flags: list[str]) -> Path:
     """Write build.ninja (and the linker's export list) into ``build_dir``; returns build.ninja."""
     cpp, kernels = plugin_sources()
     kernel_dir = kernels[0].parent
-    plugin_dir = cpp[0].parent
     exports = build_dir / "exports.map"
     exports.write_text("{\n  global:\n" + "".join(f"    {s};\n" for s in EXPORTED_SYMBOLS)
                        + "  local:\n    *;\n};\n")
-    includes = ["-I", plugin_dir, "-I", kernel_dir]
-    cxx_flags = [*_CXX_FLAGS, *includes, "-isystem", trt.include, "-isystem", cuda.home / "include"]
-    nvcc_flags = [*_NVCC_FLAGS, *arch_flags, *includes]
+    # plugin headers are included by their path from the including file; the kernels' by name
+    cxx_flags = [*_CXX_FLAGS, "-I", kernel_dir, "-isystem", trt.include, "-isystem", cuda.home / "include"]
+    nvcc_flags = [*_NVCC_FLAGS, *arch_flags, "-I", kernel_dir]
     if os.environ.get("CXX"):
         nvcc_flags += ["-ccbin", cxx]
     # Link the CUDA runtime statically (nvcc's own default): the library then needs no
@@ -271,40 +206,27 @@ def write_build_files(build_dir: Path, trt: TensorRTHeaders, cuda: CudaToolkit, 
     return ninja_file
 
 
-@contextlib.contextmanager
-def _locked(folder: Path):
-    """One build at a time per folder (several processes may build the same cache entry)."""
-    import fcntl
-
-    with open(folder / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def build_plugin(tensorrt_root: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
                  log: Callable[[str], None] = lambda _: None) -> Path:
     """Build (or find already built) the plugin library; returns its path."""
     trt = find_tensorrt(tensorrt_root)
-    cuda = find_cuda()
-    cxx = _cxx()
-    arch_flags = cuda_arch_flags()
+    cuda = toolchain.require_cuda()
+    cxx = toolchain.cxx()
+    arch_flags = toolchain.cuda_arch_flags()
     cpp, kernels = plugin_sources()
     key = _build_key(cpp + kernels, trt, cuda, cxx, arch_flags)
-    build_dir = Path(out_dir).expanduser() if out_dir else _cache_root() / "plugin" / key
+    build_dir = Path(out_dir).expanduser() if out_dir else toolchain.cache_root() / "plugin" / key
     library = build_dir / LIBRARY_NAME
     stamp = build_dir / "built.ok"
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DMFExportError(f"cannot create the build folder {build_dir}: {err.strerror}") from err
-    with _locked(build_dir):
+    with toolchain.locked(build_dir):
         if stamp.is_file() and library.is_file() and stamp.read_text().strip() == key:
             log(f"TensorRT plugin already built for TensorRT {trt.version}, CUDA {cuda.version}: {library}")
             return library
-        ninja = _ninja()
+        ninja = toolchain.ninja()
         write_build_files(build_dir, trt, cuda, cxx, arch_flags)
         stamp.unlink(missing_ok=True)
         log(f"building the TensorRT plugin for TensorRT {trt.version} ({trt.include}) with CUDA {cuda.version} "
@@ -323,6 +245,8 @@ def build_plugin(tensorrt_root: str | os.PathLike | None = None, out_dir: str | 
     return library
 
 
+# ------------------------------------------------------------------------- the driver
+
 def runtime_version_file(library: Path) -> Path:
     """Beside the library: the CUDA runtime version it links statically (the driver must support it)."""
     return Path(f"{library}.cuda")
@@ -330,8 +254,6 @@ def runtime_version_file(library: Path) -> Path:
 
 def driver_cuda_version() -> str | None:
     """The newest CUDA version this machine's driver supports ("13.0"), or None without a driver."""
-    import ctypes
-
     try:
         driver = ctypes.CDLL("libcuda.so.1")
     except OSError:
@@ -362,3 +284,40 @@ def check_driver(runtime_version: str, what: str, *, strict: bool = False,
     if strict:
         raise DMFExportError(message)
     log(f"warning: {message}")
+
+
+# ------------------------------------------------------------------------- loading into TensorRT
+
+_LOADED: dict[str, object] = {}  # library path → registry handle, per process
+_LOAD_LOCK = threading.Lock()
+
+
+def load_plugin_library(trt, library: str | os.PathLike, log: Callable[[str], None] = lambda _: None) -> None:
+    """Put the plugin's creator into TensorRT's global plugin registry (once per process).
+    ``trt`` is the imported ``tensorrt`` module (``engine.require_tensorrt()``)."""
+    library = str(Path(library).resolve())
+    if not Path(library).is_file():
+        raise DMFExportError(f"TensorRT plugin library {library} does not exist (build it with "
+                             f"`dmf-export build-plugin`, or point {PLUGIN_ENV} at one)")
+    version_file = runtime_version_file(Path(library))
+    if version_file.is_file():
+        check_driver(version_file.read_text().strip(), f"the TensorRT plugin {library}", strict=True)
+    registry = trt.get_plugin_registry()
+    with _LOAD_LOCK:
+        if library in _LOADED:
+            return
+        # Load first and look the creator up after: asking the registry for a creator it
+        # does not hold makes TensorRT log an error that is not one.
+        handle = registry.load_library(library)
+        if handle is None:
+            # loadLibrary refuses a library whose plugins another one registered already
+            if registry.get_creator(PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE) is not None:
+                log(f"plugin {PLUGIN_NAME} v{PLUGIN_VERSION} is already registered in this process; "
+                    f"not loading {library}")
+                _LOADED[library] = None
+                return
+            raise DMFExportError(f"TensorRT could not load the plugin library {library} (built for another "
+                                 "TensorRT or CUDA? rebuild it with `dmf-export build-plugin`)")
+        if registry.get_creator(PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE) is None:
+            raise DMFExportError(f"{library} loaded, but it registers no {PLUGIN_NAME} v{PLUGIN_VERSION} plugin")
+        _LOADED[library] = handle
