@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dmf_export.checkpoint import write_random_checkpoint  # noqa: E402
 from dmf_export.contract import EPISODE_INPUTS, make_episode, parse_sizes  # noqa: E402
 from dmf_export.export import ExportOptions, export_checkpoint  # noqa: E402
+from dmf_export.formats import read_info  # noqa: E402
 from dmf_export.triton import EPISODE_MODEL, TritonRunner, TritonServer, model_path, write_repository  # noqa: E402
 
 
@@ -114,7 +115,7 @@ def main() -> int:
                       lambda m: print(m, file=sys.stderr))
         onnx_file = model_path(scratch / "exported")  # the episode graph the served model runs
         repo = scratch / "repo"
-        write_repository(repo, [onnx_file], threads=args.threads, instances=args.instances)
+        write_repository(repo, {onnx_file: read_info(onnx_file)}, threads=args.threads, instances=args.instances)
 
         support, labels, query = make_episode(size, seed=0)
         feeds = {name: t.numpy() for name, t in zip(EPISODE_INPUTS, (support, labels, query))}

@@ -47,13 +47,16 @@ class _Group(click.Group):
 @click.version_option(package_name="dmf-export")
 @click.pass_context
 def main(ctx, debug):
-    """Deploy DMF few-shot checkpoints (CVPR 2021) as TorchScript, ONNX, AOTInductor and TensorRT.
+    """Deploy DMF few-shot checkpoints (CVPR 2021) as TorchScript, ONNX, AOTInductor and
+    TensorRT artifacts and Triton model repositories, and check them.
 
     \b
     Typical use:
       dmf-export inspect model.pth.tar
       dmf-export export model.pth.tar --format onnx -o dmf.onnx
       dmf-export verify dmf.onnx --checkpoint model.pth.tar
+      dmf-export evaluate model.pth.tar dmf.onnx --data miniImageNet/
+      dmf-export export model.pth.tar --format triton -o repo && dmf-export serve repo
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
@@ -467,7 +470,7 @@ def serve(repo_or_artifact, http_port, grpc_port, metrics_port, host, server_env
     with tempfile.TemporaryDirectory(prefix="dmf-serve-") as scratch:
         if path.is_file():
             repo = Path(scratch) / "repo"
-            write_repository(repo, [path], threads=threads)
+            write_repository(repo, {path: formats.read_info(path)}, threads=threads)
         else:
             repo = path
         server = TritonServer(repo, http_port=http_port or None, grpc_port=grpc_port or None,

@@ -2,7 +2,7 @@
 
 This is the eager reference that every export is measured against, so it keeps the
 original formulation (torchdiffeq ``odeint`` with ``rk4`` over [0, 1], the alignment
-as unfold + batched matmul) and every quirk of DMF_SPEC.md, each marked where it is
+as unfold + batched matmul) and every quirk of the original (docs/op.md, "DMF eval forward"), each marked where it is
 reproduced.
 """
 from __future__ import annotations

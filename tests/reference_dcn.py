@@ -1,4 +1,4 @@
-"""An independent, plain-PyTorch DCNv1 forward, written from DMF_SPEC.md.
+"""An independent, plain-PyTorch DCNv1 forward, written from docs/op.md ("Semantics").
 
 It shares no code with csrc/ or dmf_export/: the op's tests and the model's reference
 use it as ground truth. Vectorised with gathers, so it runs in float64 too.

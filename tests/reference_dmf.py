@@ -1,4 +1,4 @@
-"""An independent, functional float64 rendering of DMF's eval forward (DMF_SPEC.md).
+"""An independent, functional float64 rendering of DMF's eval forward (docs/op.md, "DMF eval forward").
 
 Written from the spec alone; shares no code with models/ or dmf_export/ (the DCN comes
 from reference_dcn.py, itself independent). Deliberately literal rather than fast:

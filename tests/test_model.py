@@ -39,7 +39,7 @@ def dmf_model(dmf_state_dict):
 
 
 def _spec_keys():
-    """DMF_SPEC.md's 104 entries, in the order the original's modules produce them (a
+    """The released checkpoints' 104 entries (docs/op.md, "Checkpoints"), in the order the original's modules produce them (a
     block's own buffer first, then its children in registration order)."""
     bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
     keys = []

@@ -1,6 +1,6 @@
 // The one DCNv1 bilinear sampler, shared by the CPU and CUDA kernels (and through them
-// the TensorRT plugin). Semantics: DMF_SPEC.md, "Deformable convolution (DCNv1, as in
-// maskrcnn-benchmark)"; equal to ONNX DeformConv (opset 19) without mask.
+// the TensorRT plugin). Semantics: docs/op.md, "Semantics: DCNv1, no bias, no
+// mask" (as in maskrcnn-benchmark); equal to ONNX DeformConv (opset 19) without mask.
 #pragma once
 
 #include <cmath>

@@ -64,7 +64,7 @@ class Triton(Format):
         repo, opts = outputs["repository"], job.opts
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="dmf-triton-") as scratch:
-            artifacts = []
+            artifacts = {}
             for variant in opts.variants:
                 fmt = formats.get(variant)
                 graphs = ["episode"] + (["encoder", "head"] if opts.graph == "split" and "split" in fmt.graphs
@@ -77,7 +77,7 @@ class Triton(Format):
                     paths = {graph: Path(f"{base}{fmt.suffix}")}
                     with Staging(fmt.staged(paths)) as inner:
                         fmt.write(variant_job, paths, inner, log)
-                    artifacts.append(paths[graph])
+                    artifacts[paths[graph]] = fmt.read_info(paths[graph])
             log(f"writing the Triton model repository → {repo}")
             write_repository(repo, artifacts, force=opts.force, staging=staging)
         return [Written(repo, "episode" if opts.graph == "episode" else "split", time.perf_counter() - start)]

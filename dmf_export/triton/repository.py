@@ -24,10 +24,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from dmf_export import formats
 from dmf_export.contract import GRAPH_IO, ArtifactInfo, tensor_dims
 from dmf_export.errors import DMFExportError
-from dmf_export.formats.base import Staging
+from dmf_export.staging import Staging
 
 
 @dataclass(frozen=True)
@@ -146,8 +145,7 @@ def _write_model(folder: Path, config: str, artifact: Path, backend: str) -> Non
         shutil.copyfile(PYTHON_MODEL, version / "model.py")
 
 
-def _artifact_info(path: Path) -> ArtifactInfo:
-    info = formats.read_info(path)
+def _check_artifact(path: Path, info: ArtifactInfo) -> None:
     if info.format not in FORMAT_BACKENDS:
         raise DMFExportError(f"{path}: Triton serves ONNX, TorchScript and TensorRT artifacts, not {info.format}")
     if info.format == "onnx" and info.onnx_flavor == "plugin":
@@ -155,14 +153,14 @@ def _artifact_info(path: Path) -> ArtifactInfo:
                              "and python backends run the standard flavour")
     if info.graph not in MODEL_NAMES:
         raise DMFExportError(f"{path}: unknown graph {info.graph!r}")
-    return info
 
 
 def write_repository(repo: Path, artifacts, *, force: bool = False, instances: int = 1,
                      threads: int | None = None, bounds: dict[str, int] | None = None,
                      staging: Staging | None = None) -> dict[str, Path]:
-    """Write a Triton model repository at ``repo`` from dmf-export artifacts (paths; each
-    one's metadata says its format and graph: episode, encoder or head).
+    """Write a Triton model repository at ``repo`` from dmf-export artifacts ({path: its
+    ``ArtifactInfo``}, as ``formats.read_info`` reads it: format and graph, episode,
+    encoder or head).
 
     Per artifact: a standard ONNX graph gives an onnxruntime-backend model ``dmf[_encoder|
     _head]`` and a python-backend one ``…_python``; TorchScript ``…_torchscript``
@@ -177,8 +175,9 @@ def write_repository(repo: Path, artifacts, *, force: bool = False, instances: i
     repo = Path(repo)
     bounds = {**DEFAULT_BOUNDS, **(bounds or {})}
     planned = {}
-    for path in map(Path, artifacts):
-        info = _artifact_info(path)
+    for path, info in artifacts.items():
+        path = Path(path)
+        _check_artifact(path, info)
         for backend in FORMAT_BACKENDS[info.format]:
             name = model_name(info.graph, backend)
             if name in planned:
