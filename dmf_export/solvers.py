@@ -100,6 +100,13 @@ class FixedStepODE(nn.Module):
         self.steps = check_steps(steps)
         self.dt = 1.0 / steps
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # TorchScript reads only the module class's own annotations, and cannot infer the
+        # type of euler's empty stage list: a subclass that annotates anything keeps these
+        cls.__annotations__ = {**FixedStepODE.__annotations__,
+                               **cls.__dict__.get("__annotations__", {})}
+
     def extra_repr(self) -> str:
         return f"method={self.method!r}, steps={self.steps}"
 

@@ -115,10 +115,11 @@ def test_alignment_ode_matches_torchdiffeq(method, steps, kernel):
 
 
 @pytest.mark.parametrize("kernel", [1, 3])
-def test_scripted_alignment_ode_matches_torchdiffeq(kernel):
+@pytest.mark.parametrize("method", ["heun3", "euler"])  # euler: no stage rows, an empty list
+def test_scripted_alignment_ode_matches_torchdiffeq(method, kernel):
     query, meta_filter = alignment_problem(kernel, seed=2)
-    expected = torchdiffeq_solution(query, meta_filter, kernel, "heun3", 3)
-    scripted = torch.jit.script(Alignment(GROUPS, kernel, "heun3", 3))
+    expected = torchdiffeq_solution(query, meta_filter, kernel, method, 3)
+    scripted = torch.jit.script(Alignment(GROUPS, kernel, method, 3))
     actual = alignment_ode_solution(scripted, query, meta_filter)
     assert relative_error(actual, expected) <= RELATIVE_TOLERANCE
 
