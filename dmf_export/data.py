@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from dmf_export.errors import DMFExportError, summarize
 from dmf_export.safe_pickle import RestrictedUnpickler
@@ -75,8 +76,6 @@ class Preprocessing:
 
     def pixels(self, image) -> np.ndarray:
         """A PIL image → uint8 ``[H, W, 3]``: RGB, Resize((r, r)) bilinear, CenterCrop(c)."""
-        from PIL import Image
-
         image = image.convert("RGB")
         if self.resize is not None:
             image = image.resize((self.resize, self.resize), Image.Resampling.BILINEAR)
@@ -108,8 +107,6 @@ def preprocessing_for(cifar: bool = False) -> Preprocessing:
 def read_image(path, preprocessing: Preprocessing) -> np.ndarray:
     """Decode the image file at ``path`` and apply ``preprocessing.pixels``; a file that
     does not decode is one line naming it (the original retries such a file forever)."""
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             return preprocessing.pixels(image)

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from dmf_export.checkpoint import load_checkpoint
 from dmf_export.data import (
@@ -227,8 +228,6 @@ class Evaluation:
 
 
 def _progress(total: int, enabled: bool | None):
-    from tqdm import tqdm
-
     # enabled=None: a bar only when stderr is a terminal
     return tqdm(total=total, unit="episode", dynamic_ncols=True, file=sys.stderr,
                 disable=(not sys.stderr.isatty()) if enabled is None else not enabled)
