@@ -60,7 +60,7 @@ def write_dataset(out: Path, classes: int, images: int) -> tuple[Path, Path]:
 
 
 def write_models(out: Path) -> dict[str, Path]:
-    from dmf_export.checkpoint import write_random_checkpoint
+    from dmf_export.synthetic import write_random_checkpoint
     from dmf_export.export import ExportOptions, export_checkpoint
 
     checkpoint = out / "dmf.pth.tar"

@@ -69,7 +69,7 @@ else
   echo "tensorrt: not run (no TensorRT Python package)" | tee -a "$log"
 fi
 step dcn 300 json "$out/dcn.json" "$py" benchmarks/bench_deform_conv.py --no-cpu --runs 20 --json
-step checkpoint 60 "$py" -c "from dmf_export.checkpoint import write_random_checkpoint as w; w('$work/ck.pth.tar')"
+step checkpoint 60 "$py" -c "from dmf_export.synthetic import write_random_checkpoint as w; w('$work/ck.pth.tar')"
 step export-fp32 300 cli export "$work/ck.pth.tar" -f torchscript -o "$work/ck.ts" --no-verify
 step export-fp16 300 cli export "$work/ck.pth.tar" -f torchscript --precision fp16 -o "$work/ck.fp16.ts" --no-verify
 step export-aoti 400 cli export "$work/ck.pth.tar" -f aoti --device cuda -o "$work/ck.pt2" --no-verify

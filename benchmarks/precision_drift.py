@@ -30,9 +30,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dmf_export.checkpoint import load_checkpoint, write_random_checkpoint  # noqa: E402
+from dmf_export.checkpoint import load_checkpoint  # noqa: E402
 from dmf_export.contract import TOLERANCES, make_episode, parse_sizes  # noqa: E402
 from dmf_export.deploy import build_episode_graph  # noqa: E402
+from dmf_export.synthetic import write_random_checkpoint  # noqa: E402
 from dmf_export.verify import compare  # noqa: E402
 
 

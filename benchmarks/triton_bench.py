@@ -29,10 +29,10 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dmf_export.checkpoint import write_random_checkpoint  # noqa: E402
 from dmf_export.contract import EPISODE_INPUTS, make_episode, parse_sizes  # noqa: E402
 from dmf_export.export import ExportOptions, export_checkpoint  # noqa: E402
 from dmf_export.formats import read_info  # noqa: E402
+from dmf_export.synthetic import write_random_checkpoint  # noqa: E402
 from dmf_export.triton import EPISODE_MODEL, TritonRunner, TritonServer, model_path, write_repository  # noqa: E402
 
 

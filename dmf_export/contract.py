@@ -70,9 +70,6 @@ def dynamic_axes(graph: str) -> dict[str, dict[int, str]]:
 
 METADATA_KEY = "dmf_export"  # ONNX metadata_props key / TorchScript extra file name
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 @dataclasses.dataclass(frozen=True)
 class Tolerance:

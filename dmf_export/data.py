@@ -9,7 +9,8 @@ Both ``evaluate`` and ``predict`` (and the tests) go through this module:
   bilinear (PIL) → CenterCrop(84) → ToTensor → Normalize for image files (CIFAR-FS:
   no resize or crop, its own mean/std);
 - pickles read by an unpickler that admits only what numpy arrays, lists, dicts,
-  numbers and strings need, so a file from elsewhere never runs code;
+  numbers and strings need (``dmf_export.safe_pickle``), so a file from elsewhere never
+  runs code;
 - episodes drawn exactly as the original's ``FewShotDataset_test`` draws them;
 - images decoded lazily, a few episodes ahead, in a pool of worker threads (Pillow and
   torch release the GIL while they decode, resize and normalise), so memory stays
@@ -29,8 +30,10 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from dmf_export.errors import DMFExportError, summarize
+from dmf_export.safe_pickle import RestrictedUnpickler
 
 SPLITS = ("train", "val", "test")
 LAYOUTS = ("pickle", "folders")
@@ -73,8 +76,6 @@ class Preprocessing:
 
     def pixels(self, image) -> np.ndarray:
         """A PIL image → uint8 ``[H, W, 3]``: RGB, Resize((r, r)) bilinear, CenterCrop(c)."""
-        from PIL import Image
-
         image = image.convert("RGB")
         if self.resize is not None:
             image = image.resize((self.resize, self.resize), Image.Resampling.BILINEAR)
@@ -106,8 +107,6 @@ def preprocessing_for(cifar: bool = False) -> Preprocessing:
 def read_image(path, preprocessing: Preprocessing) -> np.ndarray:
     """Decode the image file at ``path`` and apply ``preprocessing.pixels``; a file that
     does not decode is one line naming it (the original retries such a file forever)."""
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             return preprocessing.pixels(image)
@@ -139,50 +138,10 @@ def admits_image(name: str) -> bool:
 
 # -- restricted unpickling -------------------------------------------------------------
 
-def _latin1_encode(text, encoding="latin1"):
-    # protocol-2 pickles written by Python 3 spell bytes as _codecs.encode(str, "latin1")
-    if encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
-    return text.encode("latin1")
-
-
-def _numpy_globals() -> dict[tuple[str, str], object]:
-    # the functions numpy's own __reduce__ names, found through numpy rather than by a
-    # module path (numpy.core became numpy._core in 2.0; pickles name either)
-    reconstruct = np.zeros(1).__reduce__()[0]
-    scalar = np.float64(0).__reduce__()[0]
-    frombuffer = np.zeros(1).__reduce_ex__(5)[0]
-    admitted = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-                ("_codecs", "encode"): _latin1_encode}
-    for core in ("numpy.core", "numpy._core"):
-        admitted[(f"{core}.multiarray", "_reconstruct")] = reconstruct
-        admitted[(f"{core}.multiarray", "scalar")] = scalar
-        admitted[(f"{core}.numeric", "_frombuffer")] = frombuffer
-    return admitted
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Admits numpy arrays, dtypes and scalars and the built-in containers, numbers and
-    strings; any other global (a function to call, a class to build) is refused before
-    anything runs."""
-
-    _admitted = None
-
-    def find_class(self, module, name):
-        if RestrictedUnpickler._admitted is None:
-            RestrictedUnpickler._admitted = _numpy_globals()
-        found = RestrictedUnpickler._admitted.get((module, name))
-        if found is None:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return found
-
-    def persistent_load(self, pid):
-        raise pickle.UnpicklingError("refusing a persistent reference")
-
-
 def load_pickle(path) -> object:
-    """Unpickle ``path`` with ``RestrictedUnpickler`` (``encoding='latin1'``, as the
-    original loads the Python 2 pickles)."""
+    """Unpickle ``path`` admitting only numpy arrays and plain data
+    (``safe_pickle.ARRAY_GLOBALS``), with ``encoding='latin1'`` as the original loads the
+    Python 2 pickles."""
     path = Path(path)
     try:
         with open(path, "rb") as handle:

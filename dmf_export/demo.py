@@ -7,7 +7,11 @@ from typing import Callable
 import torch
 
 from dmf_export import formats
+from dmf_export.bench import bench
 from dmf_export.contract import EpisodeSize
+from dmf_export.export import ExportOptions, export_checkpoint
+from dmf_export.synthetic import write_random_checkpoint
+from dmf_export.verify import verify_artifact
 
 
 def supported_formats() -> tuple[list[str], dict[str, str]]:
@@ -24,11 +28,6 @@ def supported_formats() -> tuple[list[str], dict[str, str]]:
 
 def run_demo(out_dir: Path, *, groups: int = 64, kernel: int = 1, seed: int = 0, queries: int = 15,
              log: Callable[[str], None] = print, echo: Callable[[str], None] = print) -> bool:
-    from dmf_export.bench import bench
-    from dmf_export.checkpoint import write_random_checkpoint
-    from dmf_export.export import ExportOptions, export_checkpoint
-    from dmf_export.verify import verify_artifact
-
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir / "dmf_random.pth.tar"
     write_random_checkpoint(checkpoint, groups=groups, kernel=kernel, seed=seed)

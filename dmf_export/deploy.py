@@ -6,11 +6,12 @@ into a module that computes the same scores (exact in real arithmetic) in a form
 
 - the backbone with batch norm folded into its convolutions;
 - prototypes as one-hotᵀ · features / counts;
-- the offset conv over cat(query, prototype) split by input channels into a query part
-  (once per query) and a prototype part (once per class), broadcast-added per pair;
+- the meta-filter (``MetaFilter``): the offset conv over cat(query, prototype) split by
+  input channels into a query part (once per query) and a prototype part (once per
+  class), broadcast-added per pair, then one of two ways to compute the deformable conv;
 - the alignment function as element-wise products (no unfold, no batched matmul),
-  its ODE unrolled by ``dmf_export.solvers`` from the query features broadcast over
-  the classes, so the query is never copied per pair;
+  its ODE unrolled by ``dmf_export.solvers.Alignment`` from the query features broadcast
+  over the classes, so the query is never copied per pair (kernel 1: in closed form);
 - the score as one weighted sum.
 
 S, way and Q stay dynamic under ``torch.jit.script`` and ``torch.export``; H and W
@@ -21,7 +22,7 @@ size guards). torch 2.11's ``torch.export`` needs
 (``torch.onnx.export`` passes it; 2.13 does without).
 dtype follows the inputs and weights.
 """
-from typing import Final, List, Tuple
+from typing import Final, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 
 from dmf_export.errors import DMFExportError
 from dmf_export.models.dmf import FEATURE_CHANNELS
-from dmf_export.solvers import FixedStepODE, check_steps, linear_growth, tableau
+from dmf_export.solvers import Alignment, check_steps, tableau
 
 LEAKY_SLOPE = 0.1
 TAPS = 9  # the meta-filter DCN is 3×3
@@ -119,109 +120,49 @@ class Encoder(nn.Module):
         return self.blocks(images).contiguous()
 
 
-# -- alignment ODE -----------------------------------------------------------------
+# -- meta-filter ---------------------------------------------------------------------
 
-class Alignment(FixedStepODE):
-    """dx/dt = relu(A(x, F)) with F constant, integrated over [0, 1] by a fixed-step solver.
+class MetaFilter(nn.Module):
+    """``(query_features [Q, 640, h, w], prototypes [way, 640, h, w]) -> [Q·way, G·K, h, w]``:
+    DMF's meta-filter generator (``dw_gen``) for every pair i = q·way + k (query-major).
 
-    The state x is ``[Q, way or 1, G, R, h, w]`` (channel g·R + r of pair q·way + k); it
-    starts as the query features ``[Q, 1, G, R, h, w]`` and broadcasts against the
-    filter taps. ``context`` holds the filter as taps ``[K, Q, way, G, 1, h, w]``
-    (``filter_taps``), prepared once per episode since dF/dt = 0.
+    The offset conv over cat(query, prototype) is linear in its input channels, so it
+    splits into a query part (once per query) and a prototype part (once per class),
+    broadcast-added per pair. The 3×3 deformable conv that follows samples each pair's
+    prototype at that pair's offsets, in one of two ways (``weight_first``):
+
+    - sample first: the 3×3 DCN as the model has it, on the prototypes;
+    - weight first: bilinear sampling is linear and its points do not depend on the
+      channel, so per tap t, Y_t = W[:, :, t]·P (a 1×1 conv of the ``way`` prototypes),
+      then sample Y_t at tap t's points (a 1×1 DCN, one offset group per tap, offsets
+      shifted by the tap's place) and sum the taps (that DCN's 1×1 weight [I I … I]).
+      Exact in real arithmetic; per pair it samples 9·G·K channels instead of 640·9 and
+      multiplies a G·K × 9·G·K matrix instead of G·K × 5760, so it pays when
+      9·G·K ≤ 640 (the default G = 64, K = 1); its input, the weighted planes of each
+      class, grows as 9·G·K.
+
+    The op reads image i % way for pair i, so each class's planes serve all its queries
+    without a copy per pair (the ONNX translations expand them for their backends).
     """
 
-    kernel: Final[int]
-    groups: Final[int]
-
-    def __init__(self, groups: int, kernel: int, method: str = "rk4", steps: int = 1):
-        super().__init__(method, steps)
-        self.groups = groups
-        self.kernel = kernel
-
-    def extra_repr(self) -> str:
-        return f"groups={self.groups}, kernel={self.kernel}, " + super().extra_repr()
-
-    @torch.jit.export
-    def filter_taps(self, meta_filter: Tensor, queries: int, way: int) -> Tensor:
-        """``[P, G·K, h, w] -> [K, Q, way, G, 1, h, w]``.
-
-        Quirk (DMF_SPEC.md point 5): the filter is read in its raw memory order as
-        Φ = [P, G, h·w, K], so for K = 9 tap k of position p is NOT channel g·9 + k.
-        """
-        height = meta_filter.size(2)
-        width = meta_filter.size(3)
-        taps = self.kernel * self.kernel
-        # flatten first: a plain split of one axis keeps dynamic h, w free of guards
-        phi = meta_filter.flatten(1).view(queries, way, self.groups, height, width, taps)
-        if taps == 1:
-            return phi.permute(5, 0, 1, 2, 3, 4).unsqueeze(4)
-        return phi.permute(5, 0, 1, 2, 3, 4).contiguous().unsqueeze(4)
-
-    def vector_field(self, y: Tensor, context: Tensor) -> Tensor:
-        if self.kernel == 1:
-            return torch.relu(y * context[0])
-        height = y.size(4)
-        width = y.size(5)
-        padded = F.pad(y, [1, 1, 1, 1])
-        # neighbour k = (i, j) of position (r, c) is (r + i - 1, c + j - 1), row-major taps
-        total = padded[:, :, :, :, 0:height, 0:width] * context[0]
-        for k in range(1, 9):
-            i = k // 3
-            j = k % 3
-            total = total + padded[:, :, :, :, i:i + height, j:j + width] * context[k]
-        return torch.relu(total)
-
-
-# -- head ----------------------------------------------------------------------------
-
-class EpisodeHead(nn.Module):
-    """``(support_features, support_labels, query_features) -> scores [Q, way]``."""
-
-    groups: Final[int]
-    kernel: Final[int]
-    channels: Final[int] = FEATURE_CHANNELS
-    norm_eps: Final[float] = NORM_EPS
-    closed_form: Final[bool]
-    steps: Final[int]
-    growth: List[float]
     weight_first: Final[bool]
     filter_channels: Final[int]
     taps: Final[int] = TAPS
 
-    def __init__(self, model: nn.Module, solver: str = "rk4", steps: int = 1):
+    def __init__(self, generator: nn.Module):
         super().__init__()
-        self.groups = int(model.groups)
-        self.kernel = int(model.kernel)
-        self.steps = check_steps(steps)
-        # Kernel 1: the alignment ODE has a closed form (solvers.linear_growth), exact in
-        # real arithmetic for every method in the table; kernel 3 mixes neighbours inside
-        # the relu and is unrolled step by step.
-        growth = linear_growth(solver) if self.kernel == 1 else None
-        self.closed_form = growth is not None
-        dt = 1.0 / steps
-        self.growth = [c * dt ** (j + 1) for j, c in enumerate(growth or [])]
         with torch.no_grad():
-            offset_weight = model.dw_gen.off_conv.weight.detach()
-            # cat(query, prototype) → 18 offsets: the conv is linear in its input channels,
-            # so it splits into a query part and a prototype part.
+            offset_weight = generator.off_conv.weight.detach()
             self.offset_query_weight = nn.Parameter(
                 offset_weight[:, :FEATURE_CHANNELS].clone(), requires_grad=False)
             self.offset_prototype_weight = nn.Parameter(
                 offset_weight[:, FEATURE_CHANNELS:].clone(), requires_grad=False)
-            filter_weight = model.dw_gen.kernel_conv.weight.detach()  # [G·K, 640, 3, 3]
+            filter_weight = generator.kernel_conv.weight.detach()  # [G·K, 640, 3, 3]
             self.filter_channels = int(filter_weight.size(0))
-            # Bilinear sampling is linear and its points do not depend on the channel, so
-            # the DCN may weight first and sample after: per tap t, Y_t = W[:, :, t]·P (a
-            # 1×1 conv of the `way` prototypes), then sample Y_t at tap t's points
-            # (a 1×1 DCN, one offset group per tap, offsets shifted by the tap's place)
-            # and sum the taps (that DCN's 1×1 weight [I I … I]). Exact in real arithmetic;
-            # per pair it samples 9·G·K channels instead of 640·9 and multiplies a G·K × 9·G·K
-            # matrix instead of G·K × 5760, so it pays when 9·G·K ≤ 640 (the default G = 64,
-            # K = 1); its input, the weighted planes of each class, grows as 9·G·K.
             taps = TAPS
             self.weight_first = taps * self.filter_channels <= FEATURE_CHANNELS
             empty = filter_weight.new_empty(0)
-            # each path keeps only the weights it reads (the other's stay empty)
+            # each way keeps only the weights it reads (the other's stay empty)
             self.filter_weight = nn.Parameter(
                 empty.clone() if self.weight_first else filter_weight.clone(), requires_grad=False)
             self.tap_weight = nn.Parameter(empty, requires_grad=False)
@@ -239,7 +180,42 @@ class EpisodeHead(nn.Module):
                 shift = [float(d) for i in range(3) for j in range(3) for d in (i - 1, j - 1)]
                 self.tap_shift = torch.tensor(
                     shift, dtype=filter_weight.dtype, device=filter_weight.device).view(1, -1, 1, 1)
-        self.offset_padding = int(model.dw_gen.off_conv.padding[0])
+        self.offset_padding = int(generator.off_conv.padding[0])
+
+    def forward(self, query_features: Tensor, prototypes: Tensor) -> Tensor:
+        # offsets[q, k] = query part[q] + prototype part[k]
+        query_offsets = F.conv2d(query_features, self.offset_query_weight,
+                                 padding=self.offset_padding)
+        prototype_offsets = F.conv2d(prototypes, self.offset_prototype_weight,
+                                     padding=self.offset_padding)
+        offsets = (query_offsets.unsqueeze(1) + prototype_offsets.unsqueeze(0)).flatten(0, 1)
+        if self.weight_first:
+            tap_planes = F.conv2d(prototypes, self.tap_weight)  # [way, 9·O, h, w]
+            # one offset group per tap; the 1×1 weight [I I … I] sums the taps in its GEMM
+            return torch.ops.dmf.deform_conv2d(
+                tap_planes, offsets + self.tap_shift, self.tap_select, [1, 1], [0, 0], [1, 1],
+                1, self.taps).sigmoid_()
+        return torch.ops.dmf.deform_conv2d(
+            prototypes, offsets, self.filter_weight, [1, 1], [1, 1], [1, 1], 1, 1).sigmoid_()
+
+
+# -- head ----------------------------------------------------------------------------
+
+class EpisodeHead(nn.Module):
+    """``(support_features, support_labels, query_features) -> scores [Q, way]``:
+    prototypes, the meta-filter of every (query, class) pair (``MetaFilter``), the
+    alignment ODE (``solvers.Alignment``), the score."""
+
+    groups: Final[int]
+    kernel: Final[int]
+    channels: Final[int] = FEATURE_CHANNELS
+    norm_eps: Final[float] = NORM_EPS
+
+    def __init__(self, model: nn.Module, solver: str = "rk4", steps: int = 1):
+        super().__init__()
+        self.groups = int(model.groups)
+        self.kernel = int(model.kernel)
+        self.meta_filter = MetaFilter(model.dw_gen)
         self.align = Alignment(self.groups, self.kernel, solver, steps)
 
     def forward(self, support_features: Tensor, support_labels: Tensor,
@@ -264,32 +240,15 @@ class EpisodeHead(nn.Module):
         prototypes = (labels.t() @ support_features.flatten(1)) / shots_per_class
         prototypes = prototypes.view(way, channels, height, width)
 
-        # pair i = q·way + k (query-major): offsets[q, k] = query part[q] + prototype part[k]
-        query_offsets = F.conv2d(query_features, self.offset_query_weight,
-                                 padding=self.offset_padding)
-        prototype_offsets = F.conv2d(prototypes, self.offset_prototype_weight,
-                                     padding=self.offset_padding)
-        offsets = (query_offsets.unsqueeze(1) + prototype_offsets.unsqueeze(0)).flatten(0, 1)
-
-        # The deformable conv samples the prototype of each pair at that pair's offsets.
-        # The op reads image i % way for pair i, so each class's planes serve all its queries
-        # without a copy per pair (the ONNX translations expand them for their backends).
-        if self.weight_first:
-            tap_planes = F.conv2d(prototypes, self.tap_weight)  # [way, 9·O, h, w]
-            # one offset group per tap; the 1×1 weight [I I … I] sums the taps in its GEMM
-            meta_filter = torch.ops.dmf.deform_conv2d(
-                tap_planes, offsets + self.tap_shift, self.tap_select, [1, 1], [0, 0], [1, 1],
-                1, self.taps).sigmoid_()
-        else:
-            meta_filter = torch.ops.dmf.deform_conv2d(
-                prototypes, offsets, self.filter_weight, [1, 1], [1, 1], [1, 1], 1, 1).sigmoid_()
+        meta_filter = self.meta_filter(query_features, prototypes)
 
         # score[q, k] = Σ_{ch,p} x1[q,k,ch,p] · mean_p(P̂[k,ch,p]) / ((h+2)(w+2)).
         # Quirk: the original's padded 1×1 conv + spatial mean counts the zero border.
         class_weights = F.normalize(prototypes, p=2.0, dim=1, eps=self.norm_eps).mean(dim=(2, 3))
         border_area = (height + 2) * (width + 2)
-        if self.closed_form:
-            return self._closed_form_scores(query_features, meta_filter, class_weights) / border_area
+        if self.align.closed_form:
+            excess = self.align.growth_excess(meta_filter, queries, way)
+            return self._closed_form_scores(query_features, excess, class_weights) / border_area
 
         # x(0) = query, broadcast over the classes rather than copied per pair
         query_state = query_features.view(queries, 1, self.groups, channels // self.groups,
@@ -298,26 +257,16 @@ class EpisodeHead(nn.Module):
         aligned_sums = aligned.sum(dim=(4, 5)).flatten(2)  # [Q, way, 640]
         return (aligned_sums * class_weights).sum(-1) / border_area
 
-    def _closed_form_scores(self, query_features: Tensor, meta_filter: Tensor,
+    def _closed_form_scores(self, query_features: Tensor, excess: Tensor,
                             class_weights: Tensor) -> Tensor:
         """Σ_{ch,p} x1·w for kernel 1, without the [Q·way, 640, h·w] ODE state.
 
-        Per element, x1 = x + relu(x)·(R(F·dt)^steps − 1) (see solvers.linear_growth), so
-        the score is Σ x·w (a matmul) plus Σ_{g,p} (R^steps − 1)[q,k,g,p] ·
-        Σ_r relu(x)[q,g,r,p]·w[k,g,r].
+        With x1 = x + relu(x)·excess (``Alignment.growth_excess``), the score is Σ x·w
+        (a matmul) plus Σ_{g,p} excess[q,k,g,p] · Σ_r relu(x)[q,g,r,p]·w[k,g,r].
         """
         queries = query_features.size(0)
         way = class_weights.size(0)
         per_group = self.channels // self.groups
-        filters = meta_filter.flatten(2).view(queries, way, self.groups, -1)  # F[q,k,g,p]
-        # R(z) − 1 = Σ_j growth[j] z^(j+1), dt folded in; Horner, without the leading 1
-        # (in place: [Q, way, G, h·w] is large for G = 640, and each fresh tensor page-faults)
-        excess = filters * self.growth[-1]
-        for j in range(len(self.growth) - 2, -1, -1):
-            excess = excess.add_(self.growth[j]).mul_(filters)
-        step_excess = excess
-        for _ in range(self.steps - 1):  # (1 + a)(1 + b) − 1 = a + b + ab
-            excess = excess + step_excess + excess * step_excess
         plain = query_features.sum(dim=(2, 3)) @ class_weights.t()  # [Q, way]
         positive = torch.relu(query_features).flatten(2).view(queries, self.groups, per_group, -1)
         weights = class_weights.view(way, self.groups, per_group).permute(1, 2, 0)  # [G, R, way]

@@ -18,12 +18,16 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from dmf_export.checkpoint import load_checkpoint
 from dmf_export.data import (
     ORIGINAL_SEED, iterate_episodes, one_hot, open_split, preprocessing_for, query_files,
     read_images, sample_episodes, support_folders,
 )
 from dmf_export.errors import DMFExportError, summarize
+from dmf_export.formats import open_artifact
+from dmf_export.formats._torch import ExactFloat32, check_device
 
 CHECKPOINT_SUFFIXES = (".pth", ".pth.tar", ".tar", ".pt")
 PREDICT_BATCH = 75  # queries per call: one test episode's worth
@@ -56,9 +60,6 @@ class EagerRunner:
     info = None
 
     def __init__(self, path, device: str = "cpu"):
-        from dmf_export.checkpoint import load_checkpoint
-        from dmf_export.formats._torch import check_device
-
         check_device(device)
         self.device = torch.device(device)
         self.model = load_checkpoint(path).to(self.device)
@@ -66,8 +67,6 @@ class EagerRunner:
     @torch.inference_mode()
     def __call__(self, support, support_labels, query):
         # PyTorch 1.4, which test.py ran on, had no TF32: keep a GPU's convolutions IEEE fp32
-        from dmf_export.formats._torch import ExactFloat32
-
         args = [t.to(self.device) for t in (support, support_labels, query)]
         with ExactFloat32() if self.device.type == "cuda" else contextlib.nullcontext():
             return self.model(*args)
@@ -84,8 +83,6 @@ def open_model(path, *, provider: str = "cpu", device: str = "cpu", threads: int
         torch.set_num_threads(threads)
     if is_checkpoint(path):
         return EagerRunner(path, device)
-    from dmf_export.formats import open_artifact
-
     return open_artifact(path, provider=provider, device=device, threads=threads)
 
 
@@ -231,8 +228,6 @@ class Evaluation:
 
 
 def _progress(total: int, enabled: bool | None):
-    from tqdm import tqdm
-
     # enabled=None: a bar only when stderr is a terminal
     return tqdm(total=total, unit="episode", dynamic_ncols=True, file=sys.stderr,
                 disable=(not sys.stderr.isatty()) if enabled is None else not enabled)

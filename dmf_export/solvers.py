@@ -9,9 +9,13 @@ Every method is one row of ``TABLEAUX``; a single loop (``FixedStepODE.forward``
 serves all of them.
 
 DMF's vector field does not depend on t, so the tableaux carry no nodes (c_i).
+``Alignment`` is that field on the deployment graph's state, with the closed form that
+kernel 1 admits (``linear_growth``).
 """
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Final, List, Optional, Tuple
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dmf_export.errors import DMFExportError
@@ -96,6 +100,13 @@ class FixedStepODE(nn.Module):
         self.steps = check_steps(steps)
         self.dt = 1.0 / steps
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # TorchScript reads only the module class's own annotations, and cannot infer the
+        # type of euler's empty stage list: a subclass that annotates anything keeps these
+        cls.__annotations__ = {**FixedStepODE.__annotations__,
+                               **cls.__dict__.get("__annotations__", {})}
+
     def extra_repr(self) -> str:
         return f"method={self.method!r}, steps={self.steps}"
 
@@ -156,3 +167,82 @@ def linear_growth(method: str) -> Optional[List[float]]:
     if any(c < 0.0 for value in values + [growth] for c in value):
         return None
     return growth[1:]
+
+
+class Alignment(FixedStepODE):
+    """dx/dt = relu(A(x, F)) with F constant, integrated over [0, 1] by a fixed-step solver.
+
+    The state x is ``[Q, way or 1, G, R, h, w]`` (channel g·R + r of pair q·way + k); it
+    starts as the query features ``[Q, 1, G, R, h, w]`` and broadcasts against the
+    filter taps. ``context`` holds the filter as taps ``[K, Q, way, G, 1, h, w]``
+    (``filter_taps``), prepared once per episode since dF/dt = 0.
+
+    Kernel 1 has a closed form (``closed_form``, see ``linear_growth``), exact in real
+    arithmetic for every method in the table: ``growth_excess`` gives it without the
+    state; kernel 3 mixes neighbours inside the relu and is unrolled step by step.
+    """
+
+    kernel: Final[int]
+    groups: Final[int]
+    closed_form: Final[bool]
+    growth: List[float]
+
+    def __init__(self, groups: int, kernel: int, method: str = "rk4", steps: int = 1):
+        super().__init__(method, steps)
+        self.groups = groups
+        self.kernel = kernel
+        growth = linear_growth(method) if kernel == 1 else None
+        self.closed_form = growth is not None
+        # R(z) − 1 = Σ_j growth[j] z^(j+1) with dt folded in
+        self.growth = [c * self.dt ** (j + 1) for j, c in enumerate(growth or [])]
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}, kernel={self.kernel}, " + super().extra_repr()
+
+    @torch.jit.export
+    def filter_taps(self, meta_filter: Tensor, queries: int, way: int) -> Tensor:
+        """``[P, G·K, h, w] -> [K, Q, way, G, 1, h, w]``.
+
+        Quirk (docs/op.md): the filter is read in its raw memory order as
+        Φ = [P, G, h·w, K], so for K = 9 tap k of position p is NOT channel g·9 + k.
+        """
+        height = meta_filter.size(2)
+        width = meta_filter.size(3)
+        taps = self.kernel * self.kernel
+        # flatten first: a plain split of one axis keeps dynamic h, w free of guards
+        phi = meta_filter.flatten(1).view(queries, way, self.groups, height, width, taps)
+        if taps == 1:
+            return phi.permute(5, 0, 1, 2, 3, 4).unsqueeze(4)
+        return phi.permute(5, 0, 1, 2, 3, 4).contiguous().unsqueeze(4)
+
+    def vector_field(self, y: Tensor, context: Tensor) -> Tensor:
+        if self.kernel == 1:
+            return torch.relu(y * context[0])
+        height = y.size(4)
+        width = y.size(5)
+        padded = F.pad(y, [1, 1, 1, 1])
+        # neighbour k = (i, j) of position (r, c) is (r + i - 1, c + j - 1), row-major taps
+        total = padded[:, :, :, :, 0:height, 0:width] * context[0]
+        for k in range(1, 9):
+            i = k // 3
+            j = k % 3
+            total = total + padded[:, :, :, :, i:i + height, j:j + width] * context[k]
+        return torch.relu(total)
+
+    @torch.jit.export
+    def growth_excess(self, meta_filter: Tensor, queries: int, way: int) -> Tensor:
+        """``[P, G, h, w] -> [Q, way, G, h·w]``: R(F·dt)^steps − 1, for kernel 1.
+
+        Per element, x(1) = x + relu(x)·(R(F·dt)^steps − 1): relu never clips a positive
+        x and a negative x never moves (``linear_growth``).
+        """
+        filters = meta_filter.flatten(2).view(queries, way, self.groups, -1)  # F[q,k,g,p]
+        # Horner, without the leading 1 (in place: [Q, way, G, h·w] is large for G = 640,
+        # and each fresh tensor page-faults)
+        excess = filters * self.growth[-1]
+        for j in range(len(self.growth) - 2, -1, -1):
+            excess = excess.add_(self.growth[j]).mul_(filters)
+        step_excess = excess
+        for _ in range(self.steps - 1):  # (1 + a)(1 + b) − 1 = a + b + ab
+            excess = excess + step_excess + excess * step_excess
+        return excess

@@ -28,7 +28,7 @@ EXPORT_IMAGE = 32  # 32 → 4×4 features: the whole graph, cheaply
 def dmf_state_dict():
     """``dmf_state_dict(groups=64, kernel=1, classes=64, seed=0)`` → a seeded random DMF
     state dict (original layout, float32), cached for the session; do not modify it."""
-    from dmf_export.checkpoint import random_state_dict
+    from dmf_export.synthetic import random_state_dict
 
     def make(groups=64, kernel=1, classes=64, seed=0):
         key = (groups, kernel, classes, seed)
@@ -68,7 +68,7 @@ def make_episode():
 def checkpoint_file(tmp_path):
     """``checkpoint_file(name="dmf.pth.tar", **write_random_checkpoint kwargs)`` → a path
     in this test's temporary folder holding a seeded random checkpoint."""
-    from dmf_export.checkpoint import write_random_checkpoint
+    from dmf_export.synthetic import write_random_checkpoint
 
     def make(name="dmf.pth.tar", **kwargs):
         return write_random_checkpoint(tmp_path / name, **kwargs)
@@ -81,7 +81,7 @@ def exported(tmp_path_factory):
     """exported(groups, kernel, format, **options) → (checkpoint, [paths]): a seeded
     checkpoint exported at EXPORT_IMAGE × EXPORT_IMAGE, once per session (AOTInductor
     compiles take a while, so every test file shares these)."""
-    from dmf_export.checkpoint import write_random_checkpoint
+    from dmf_export.synthetic import write_random_checkpoint
     from dmf_export.export import ExportOptions, export_checkpoint
 
     root = tmp_path_factory.mktemp("exports")

@@ -18,10 +18,12 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from dmf_export.checkpoint import (infer_groups_kernel, inspect_checkpoint, load_checkpoint,
-                                   random_state_dict, read_checkpoint, write_random_checkpoint)
+from dmf_export import synthetic
+from dmf_export.checkpoint import infer_groups_kernel, inspect_checkpoint, load_checkpoint, read_checkpoint
 from dmf_export.cli import main as cli
 from dmf_export.errors import DMFExportError
+from dmf_export.models import DMF
+from dmf_export.synthetic import random_state_dict, write_random_checkpoint
 from reference_dmf import dmf_reference
 
 LEGACY_HEAD = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # pickled torch.save magic number
@@ -104,7 +106,6 @@ def test_round_trip_gives_identical_tensors(legacy, layout, dmf_state_dict, tmp_
 
 def test_model_state_dict_with_metadata_loads(tmp_path):
     # torch's own OrderedDict state dicts carry a `_metadata` attribute in the pickle
-    from dmf_export.models import DMF
     source = DMF(64, 3, num_classes=64)
     for legacy in (True, False):
         path = _save({"state_dict": source.state_dict(), "acc": 0.5, "epoch": 1},
@@ -492,9 +493,8 @@ def test_random_checkpoint_bare_and_prefixed(checkpoint_file):
 
 
 def test_random_weights_are_seeded(dmf_state_dict):
-    from dmf_export import checkpoint
     first, other = dmf_state_dict(64, 1, seed=0), random_state_dict(64, 1, seed=1)
-    checkpoint._random_backbone.cache_clear()  # regenerate, not recall
+    synthetic._random_backbone.cache_clear()  # regenerate, not recall
     again = random_state_dict(64, 1, seed=0)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not torch.equal(first["dw_gen.off_conv.weight"], other["dw_gen.off_conv.weight"])

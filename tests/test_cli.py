@@ -13,7 +13,7 @@ from dmf_export.formats import base
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from dmf_export.checkpoint import write_random_checkpoint
+    from dmf_export.synthetic import write_random_checkpoint
 
     return write_random_checkpoint(tmp_path_factory.mktemp("cli") / "m.pth.tar", seed=3)
 
@@ -116,7 +116,7 @@ def test_verify_json_reports_every_size(checkpoint, tmp_path):
 
 
 def test_verify_fails_with_exit_1_when_the_artifact_disagrees(checkpoint, tmp_path):
-    from dmf_export.checkpoint import write_random_checkpoint
+    from dmf_export.synthetic import write_random_checkpoint
 
     target = tmp_path / "m.ts"
     other = write_random_checkpoint(tmp_path / "other.pth.tar", seed=99)

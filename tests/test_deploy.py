@@ -290,4 +290,4 @@ def test_meta_filter_weights_first_only_when_that_samples_fewer_channels(dmf, co
     # 9·G·K sampled channels per pair instead of 640·9: worth it only for 9·G·K ≤ 640;
     # the parity tests above cover both paths
     model, graph = dmf(*config)
-    assert graph.head.weight_first is weight_first
+    assert graph.head.meta_filter.weight_first is weight_first

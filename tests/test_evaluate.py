@@ -18,7 +18,7 @@ from PIL import Image
 
 import dmf_export
 from cli_helpers import one_error_line, run_cli
-from dmf_export.checkpoint import write_random_checkpoint
+from dmf_export.synthetic import write_random_checkpoint
 from dmf_export.evaluate import open_model
 from dmf_export.export import ExportOptions, export_checkpoint
 from fewshot_data import (PICKLE_NAMES, draw, original_episodes, original_figures, original_file_transform,

@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dmf_export"
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from dmf_export.checkpoint import write_random_checkpoint
+    from dmf_export.synthetic import write_random_checkpoint
 
     return write_random_checkpoint(tmp_path_factory.mktemp("formats") / "m.pth.tar", seed=4)
 

@@ -1,7 +1,7 @@
 """The fixed-step solvers reproduce torchdiffeq's fixed-grid methods on DMF's alignment ODE.
 
 The reference is torchdiffeq itself, on an alignment function A written here from
-DMF_SPEC.md point 5 (index by index, float64), independent of dmf_export.
+docs/op.md (the alignment function; index by index, float64), independent of dmf_export.
 """
 import importlib
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 import torchdiffeq
 
-from dmf_export.deploy import Alignment
+from dmf_export import solvers
 from dmf_export.errors import DMFExportError
-from dmf_export.solvers import METHODS, FixedStepODE, linear_growth, tableau
+from dmf_export.solvers import METHODS, Alignment, FixedStepODE, linear_growth, tableau
 
 TORCHDIFFEQ_FIXED_STEP = ("euler", "midpoint", "rk4", "heun2", "heun3")
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.[a-z]+` is deprecated")
@@ -21,7 +21,7 @@ RELATIVE_TOLERANCE = 1e-6
 
 
 def alignment_reference(x, meta_filter, groups, kernel):
-    """A(x, F) of DMF_SPEC.md point 5, for pairs x [P, c, h, w] and F [P, G·K, h, w].
+    """A(x, F) of docs/op.md, for pairs x [P, c, h, w] and F [P, G·K, h, w].
 
     A[g·R + r, p] = Σ_k x[g·R + r, neighbour k of p] · Φ[g, p, k], Φ = F read in its raw
     row-major memory order as [G, h·w, K]; neighbours row-major over the window, zeros
@@ -83,7 +83,7 @@ class ReferenceField(FixedStepODE):
 
 
 def alignment_ode_solution(module, query, meta_filter):
-    """Run dmf_export.deploy.Alignment (state [Q, way|1, G, R, h, w]) and return [P, c, h, w]."""
+    """Run dmf_export.solvers.Alignment (state [Q, way|1, G, R, h, w]) and return [P, c, h, w]."""
     start = query.view(QUERIES, 1, GROUPS, PER_GROUP, HEIGHT, WIDTH)
     aligned = module(start, module.filter_taps(meta_filter, QUERIES, WAY))
     return aligned.reshape(QUERIES * WAY, GROUPS * PER_GROUP, HEIGHT, WIDTH)
@@ -115,11 +115,27 @@ def test_alignment_ode_matches_torchdiffeq(method, steps, kernel):
 
 
 @pytest.mark.parametrize("kernel", [1, 3])
-def test_scripted_alignment_ode_matches_torchdiffeq(kernel):
+@pytest.mark.parametrize("method", ["heun3", "euler"])  # euler: no stage rows, an empty list
+def test_scripted_alignment_ode_matches_torchdiffeq(method, kernel):
     query, meta_filter = alignment_problem(kernel, seed=2)
-    expected = torchdiffeq_solution(query, meta_filter, kernel, "heun3", 3)
-    scripted = torch.jit.script(Alignment(GROUPS, kernel, "heun3", 3))
+    expected = torchdiffeq_solution(query, meta_filter, kernel, method, 3)
+    scripted = torch.jit.script(Alignment(GROUPS, kernel, method, 3))
     actual = alignment_ode_solution(scripted, query, meta_filter)
+    assert relative_error(actual, expected) <= RELATIVE_TOLERANCE
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+@pytest.mark.parametrize("method", TORCHDIFFEQ_FIXED_STEP)
+def test_kernel_1_closed_form_matches_torchdiffeq(method, steps):
+    # x(1) = x + relu(x)·excess: the growth the head scores with, without the ODE state
+    query, meta_filter = alignment_problem(1, seed=3)
+    expected = torchdiffeq_solution(query, meta_filter, 1, method, steps)
+    solver = Alignment(GROUPS, 1, method, steps)
+    assert solver.closed_form
+    excess = solver.growth_excess(meta_filter, QUERIES, WAY).unsqueeze(3)  # [Q, way, G, 1, h·w]
+    start = query.view(QUERIES, 1, GROUPS, PER_GROUP, HEIGHT * WIDTH)
+    actual = (start + torch.relu(start) * excess).reshape(QUERIES * WAY, GROUPS * PER_GROUP,
+                                                           HEIGHT, WIDTH)
     assert relative_error(actual, expected) <= RELATIVE_TOLERANCE
 
 
@@ -164,8 +180,6 @@ def test_linear_growth_is_the_stability_polynomial(method, expected):
 
 
 def test_linear_growth_refuses_a_tableau_whose_stages_can_turn_negative(monkeypatch):
-    import dmf_export.solvers as solvers
-
     # a (made-up) stage y - dt·k1 goes negative for z > 1: relu could clip it
     monkeypatch.setitem(solvers.TABLEAUX, "made_up", ([[-1.0]], [0.5, 0.5]))
     assert linear_growth("made_up") is None

@@ -25,13 +25,13 @@ import pytest
 import torch
 from cli_helpers import one_error_line, run_cli
 from dmf_export import _build, load_checkpoint, ops, toolchain
-from dmf_export.checkpoint import write_random_checkpoint
 from dmf_export.contract import TOLERANCES, EpisodeSize, make_episode
 from dmf_export.errors import DMFExportError
 from dmf_export.export import ExportOptions, export_checkpoint
 from dmf_export.formats import open_artifact, read_info
 from dmf_export.onnx_ops import _plugin_schema
 from dmf_export.ops import deform_conv2d
+from dmf_export.synthetic import write_random_checkpoint
 from dmf_export.tensorrt import plugin as trt_plugin
 from dmf_export.tensorrt.plugin import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 from dmf_export.tensorrt.runner import EngineRunner

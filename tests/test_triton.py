@@ -34,11 +34,11 @@ import torch
 from cli_helpers import one_error_line, run_cli
 
 from dmf_export import load_checkpoint
-from dmf_export.checkpoint import write_random_checkpoint
 from dmf_export.contract import EPISODE_INPUTS, ArtifactInfo, EpisodeSize, make_episode
 from dmf_export.deploy import EpisodeGraph
 from dmf_export.errors import DMFExportError
 from dmf_export.export import ExportOptions, export_checkpoint
+from dmf_export.synthetic import write_random_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = 32  # 4×4 features: the whole graph, cheaply (the python backend runs it on 2 cores)

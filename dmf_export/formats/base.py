@@ -179,8 +179,6 @@ class Format:
     run_flags: ClassVar[tuple[str, ...]] = ()
     # images the TorchScript encoder takes at a time on a CPU (deploy.Encoder); 0: all
     cpu_batch: ClassVar[int] = 0
-    # one output for every graph (a folder), not a file per graph
-    single_output: ClassVar[bool] = False
 
     # -- what it needs
     def unavailable(self, device: str = "cpu", purpose: str = "run") -> str | None:

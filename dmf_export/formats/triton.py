@@ -35,7 +35,6 @@ class Triton(Format):
     options = (Option("variants", ("onnx",), kind="list", choices=VARIANTS,
                       help="triton: the artifact formats the repository holds, comma-separated "
                            "(onnx, torchscript, tensorrt; onnx serves the onnxruntime and python backends)."),)
-    single_output = True
 
     def unavailable(self, device: str = "cpu", purpose: str = "run") -> str | None:
         if purpose == "export":
