@@ -52,7 +52,10 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, stride: IntPair
     ``[N, O, out_h, out_w]``. CPU (float32, float64) and CUDA (float32, float16, float64).
     The input may also hold fewer images, ``N_in`` dividing N: sample n then reads image
     ``n % N_in`` (one image, many offset sets, no copy per sample). ONNX exports expand it.
+    Builds the op's library on first use.
     """
+    if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
+        require()  # a flag check once loaded; TorchScript and the tracers skip it
     return torch.ops.dmf.deform_conv2d(input, offset, weight, _pair(stride, "stride"),
                                        _pair(padding, "padding"), _pair(dilation, "dilation"),
                                        int(groups), int(offset_groups))

@@ -86,3 +86,16 @@ def test_a_built_library_loads_at_import_and_load_torchscript_runs_the_file(tmp_
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
     assert "building" not in result.stderr
+
+
+def test_the_python_op_builds_the_library_on_first_call_but_scripting_skips_that(monkeypatch):
+    calls = []
+    real = ops.require
+    monkeypatch.setattr(ops, "require", lambda: calls.append(1) or real())
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    weight = torch.ones(1, 1, 1, 1)
+    # zero offsets and a 1×1 all-ones kernel: the op is the identity
+    out = ops.deform_conv2d(x, torch.zeros(1, 2, 4, 4), weight)
+    assert calls == [1] and torch.equal(out, x)
+    scripted = torch.jit.script(ops.deform_conv2d)
+    assert torch.equal(scripted(x, torch.zeros(1, 2, 4, 4), weight), x) and calls == [1]
