@@ -1,40 +1,33 @@
 """The artifact formats: one module each, listed once here.
 
-``export``, ``verify``, ``bench`` and ``demo`` read this registry only; adding a format is
-one module with a ``FORMAT`` (a ``base.Format``) and one line in ``_MODULES``.
+``export``, ``verify``, ``bench``, ``evaluate`` and ``demo`` read this registry only;
+adding a format is one module with a ``FORMAT`` (a ``base.Format``, declaring its options
+and verify policy) and one line in ``_MODULES``.
 """
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 from dmf_export.contract import ArtifactInfo
 from dmf_export.errors import DMFExportError, summarize
+from dmf_export.formats import aoti, onnx, tensorrt, torchscript, triton
 from dmf_export.formats.base import Format, Runner, RunOptions, Staging, Written  # noqa: F401
 
 # in the order summaries list them
-_MODULES = ("torchscript", "onnx", "aoti", "tensorrt", "triton")
-_REGISTRY: dict[str, Format] = {}
-
-
-def _registry() -> dict[str, Format]:
-    if not _REGISTRY:
-        for module in _MODULES:
-            fmt = importlib.import_module(f"dmf_export.formats.{module}").FORMAT
-            _REGISTRY[fmt.name] = fmt
-    return _REGISTRY
+_MODULES = (torchscript, onnx, aoti, tensorrt, triton)
+_REGISTRY: dict[str, Format] = {module.FORMAT.name: module.FORMAT for module in _MODULES}
 
 
 def names() -> list[str]:
-    return list(_registry())
+    return list(_REGISTRY)
 
 
 def all_formats() -> list[Format]:
-    return list(_registry().values())
+    return list(_REGISTRY.values())
 
 
 def get(name: str) -> Format:
-    fmt = _registry().get(name)
+    fmt = _REGISTRY.get(name)
     if fmt is None:
         raise DMFExportError(f"unknown format {name!r}; choose from {', '.join(names())}")
     return fmt
@@ -43,10 +36,10 @@ def get(name: str) -> Format:
 def for_path(path: Path) -> Format:
     """The format a file is, by its name (``x.onnx``, ``x.encoder.pt2``, …)."""
     path = Path(path)
-    for fmt in _registry().values():
+    for fmt in _REGISTRY.values():
         if fmt.claims(path):
             return fmt
-    known = sorted({s for f in _registry().values() for s in (f.suffix, *f.read_suffixes)})
+    known = sorted({s for f in _REGISTRY.values() for s in (f.suffix, *f.read_suffixes)})
     raise DMFExportError(f"{path}: unknown artifact type {path.suffix or '(no suffix)'!r} "
                          f"(expected {', '.join(known)}, or a Triton model repository folder)")
 

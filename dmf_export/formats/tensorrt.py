@@ -2,16 +2,55 @@
 ``dmf_export.tensorrt`` (the plugin, the engine builder and its JSON, the runner)."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
+import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from dmf_export.contract import ArtifactInfo
-from dmf_export.formats.base import Format, Option, Runner, RunOptions
-from dmf_export.formats.onnx import OPSET
-from dmf_export.tensorrt.engine import engine_profile, info_path, read_engine_info, require_tensorrt, write_engine
+from dmf_export.formats.base import Format, Option, Runner, RunOptions, Written
+from dmf_export.formats.onnx import OPSET, write_onnx
+from dmf_export.tensorrt.engine import (build_engine, default_timing_cache, engine_profile, info_path, plugin_library,
+                                        read_engine_info, require_tensorrt)
+from dmf_export.tensorrt.plugin import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 from dmf_export.tensorrt.runner import EngineRunner, require_gpu
+
+
+def write_engine(job, engine_path: Path, staging, log) -> Written:
+    """The plugin-flavour ONNX graph of ``job`` → an engine and its JSON, at their staging names."""
+    opts = job.opts
+    trt = require_tensorrt()
+    profile = engine_profile(opts)
+    library = plugin_library(opts, log).resolve()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dmf-trt-") as tmp:
+        onnx_path = Path(tmp) / "episode.onnx"
+        log(f"writing the plugin-flavour ONNX graph for TensorRT → {onnx_path}")
+        write_onnx(job, "episode", onnx_path, flavor="plugin", fmt="tensorrt")
+        shapes = profile.shapes(opts.image_size)
+        log(f"building a TensorRT {trt.__version__} {opts.precision} engine (profile {profile.min} … "
+            f"{profile.opt} … {profile.max}); this takes a few minutes")
+        timing_cache = Path(opts.timing_cache) if opts.timing_cache else default_timing_cache(trt)
+        engine = build_engine(onnx_path, library, shapes, workspace_gib=opts.workspace,
+                              timing_cache=timing_cache, log=log)
+    meta = {
+        "artifact": dataclasses.asdict(job.info("tensorrt", "episode")),
+        "tensorrt_version": trt.__version__,
+        "precision": opts.precision,
+        "profile": {"min": dataclasses.asdict(profile.min), "opt": dataclasses.asdict(profile.opt),
+                    "max": dataclasses.asdict(profile.max),
+                    "shapes": {name: dict(zip(("min", "opt", "max"), ("x".join(map(str, s)) for s in ss)))
+                               for name, ss in shapes.items()}},
+        "plugin_library": str(library),
+        "plugin": {"name": PLUGIN_NAME, "version": PLUGIN_VERSION, "namespace": PLUGIN_NAMESPACE},
+    }
+    staging.temp(engine_path).write_bytes(engine)
+    staging.temp(info_path(engine_path)).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return Written(engine_path, "episode", time.perf_counter() - start)
 
 
 class TensorRT(Format):

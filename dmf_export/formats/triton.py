@@ -18,14 +18,16 @@ from pathlib import Path
 
 import torch
 
-from dmf_export import formats
 from dmf_export.contract import ArtifactInfo
 from dmf_export.errors import DMFExportError
+from dmf_export.formats import onnx, tensorrt, torchscript
 from dmf_export.formats.base import Format, Option, Runner, RunOptions, Staging, Written, strip_checkpoint_suffix
-from dmf_export.triton import (EPISODE_MODEL, FORMAT_BACKENDS, TritonRunner, TritonServer,
+from dmf_export.triton import (EPISODE_MODEL, TritonRunner, TritonServer,
                                find_distribution, model_path, write_repository)
 
-VARIANTS = tuple(FORMAT_BACKENDS)  # the artifact formats a repository can hold
+# the artifact formats a repository can hold
+VARIANT_FORMATS = {module.FORMAT.name: module.FORMAT for module in (onnx, torchscript, tensorrt)}
+VARIANTS = tuple(VARIANT_FORMATS)
 
 
 class Triton(Format):
@@ -65,7 +67,7 @@ class Triton(Format):
         with tempfile.TemporaryDirectory(prefix="dmf-triton-") as scratch:
             artifacts = {}
             for variant in opts.variants:
-                fmt = formats.get(variant)
+                fmt = VARIANT_FORMATS[variant]
                 graphs = ["episode"] + (["encoder", "head"] if opts.graph == "split" and "split" in fmt.graphs
                                         else [])
                 # the format's own deployment graph (TorchScript encodes 16 images at a time on a CPU)
@@ -85,7 +87,7 @@ class Triton(Format):
         model = model_path(path)  # the episode graph the served model runs
         if not model.is_file():
             raise DMFExportError(f"{path}: not a Triton repository written by dmf-export (no {model.relative_to(path)})")
-        info = formats.read_info(model)
+        info = onnx.FORMAT.read_info(model)
         info.format, info.onnx_flavor = self.name, None
         return info
 

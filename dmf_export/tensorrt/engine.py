@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -17,9 +16,8 @@ from typing import Callable
 from dmf_export import toolchain
 from dmf_export.contract import EPISODE_INPUTS, ArtifactInfo, EpisodeSize
 from dmf_export.errors import DMFExportError
-from dmf_export.formats.base import Staging, Written
-from dmf_export.formats.onnx import write_onnx
-from dmf_export.tensorrt.plugin import (PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION, build_plugin,
+from dmf_export.staging import Staging
+from dmf_export.tensorrt.plugin import (build_plugin,
                                         find_tensorrt, load_plugin_library)
 
 INFO_SUFFIX = ".json"  # x.engine → x.engine.json
@@ -99,7 +97,7 @@ def engine_profile(opts) -> Profile:
 
 # ------------------------------------------------------------------------- building
 
-def _plugin_library(opts, log) -> Path:
+def plugin_library(opts, log) -> Path:
     if opts.plugin:
         return Path(opts.plugin)
     try:
@@ -173,39 +171,6 @@ def build_engine(onnx_path: Path, plugin_library: Path, profile_shapes: dict, *,
         with Staging([timing_cache], force=True) as staging:  # a reader never sees half a cache
             staging.temp(timing_cache).write_bytes(bytes(config.get_timing_cache().serialize()))
     return bytes(serialized)
-
-
-def write_engine(job, engine_path: Path, staging, log) -> Written:
-    """The plugin-flavour ONNX graph of ``job`` → an engine and its JSON, at their staging names."""
-    opts = job.opts
-    trt = require_tensorrt()
-    profile = engine_profile(opts)
-    library = _plugin_library(opts, log).resolve()
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="dmf-trt-") as tmp:
-        onnx_path = Path(tmp) / "episode.onnx"
-        log(f"writing the plugin-flavour ONNX graph for TensorRT → {onnx_path}")
-        write_onnx(job, "episode", onnx_path, flavor="plugin", fmt="tensorrt")
-        shapes = profile.shapes(opts.image_size)
-        log(f"building a TensorRT {trt.__version__} {opts.precision} engine (profile {profile.min} … "
-            f"{profile.opt} … {profile.max}); this takes a few minutes")
-        timing_cache = Path(opts.timing_cache) if opts.timing_cache else default_timing_cache(trt)
-        engine = build_engine(onnx_path, library, shapes, workspace_gib=opts.workspace,
-                              timing_cache=timing_cache, log=log)
-    meta = {
-        "artifact": dataclasses.asdict(job.info("tensorrt", "episode")),
-        "tensorrt_version": trt.__version__,
-        "precision": opts.precision,
-        "profile": {"min": dataclasses.asdict(profile.min), "opt": dataclasses.asdict(profile.opt),
-                    "max": dataclasses.asdict(profile.max),
-                    "shapes": {name: dict(zip(("min", "opt", "max"), ("x".join(map(str, s)) for s in ss)))
-                               for name, ss in shapes.items()}},
-        "plugin_library": str(library),
-        "plugin": {"name": PLUGIN_NAME, "version": PLUGIN_VERSION, "namespace": PLUGIN_NAMESPACE},
-    }
-    staging.temp(engine_path).write_bytes(engine)
-    staging.temp(info_path(engine_path)).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return Written(engine_path, "episode", time.perf_counter() - start)
 
 
 # ------------------------------------------------------------------------- the description
