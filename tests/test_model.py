@@ -169,7 +169,8 @@ def test_backbone_and_head_apart_match_the_reference_halves(groups, kernel, dmf_
     torch.testing.assert_close(features.double(),
                                reference_dmf.backbone(state, torch.cat([support, query]).double()),
                                **TOL)
-    # features well away from the backbone's: the head must not depend on where they came from
+    # the head on features of its own (3×3, not the backbone's 4×4), so a head bug cannot
+    # hide behind a backbone one
     generator = torch.Generator().manual_seed(8)
     features = torch.rand(6, 640, 3, 3, generator=generator)
     with torch.no_grad():

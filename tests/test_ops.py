@@ -1,8 +1,8 @@
-"""dmf::deform_conv2d: DCNv1 forward (DMF_SPEC.md, "Deformable convolution") on CPU and CUDA.
+"""dmf::deform_conv2d: DCNv1 forward (semantics: docs/op.md) on CPU and CUDA.
 
 Ground truth is never the op itself: the independent plain-PyTorch reference
 (tests/reference_dcn.py), onnxruntime's DeformConv (opset 19), numbers worked out by hand
-from the spec, and (for the CUDA kernel) the CPU implementation.
+from the semantics, and (for the CUDA kernel) the CPU implementation.
 """
 from __future__ import annotations
 
