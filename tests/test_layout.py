@@ -4,6 +4,7 @@ does not carry."""
 from __future__ import annotations
 
 import ast
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -29,13 +30,14 @@ def package_folders() -> dict[str, Path]:
 def project_modules() -> dict[str, Path]:
     """module name → file, for every .py of every package (subpackages included)."""
     modules: dict[str, Path] = {}
+    folders = package_folders()
     owner: dict[Path, str] = {}  # the most specific package a file belongs to
-    for package, folder in package_folders().items():
+    for package, folder in folders.items():
         for path in folder.rglob("*.py"):
             if len(package) > len(owner.get(path, "")):
                 owner[path] = package
     for path, package in owner.items():
-        parts = path.relative_to(package_folders()[package]).with_suffix("").parts
+        parts = path.relative_to(folders[package]).with_suffix("").parts
         name = ".".join((package,) + (parts[:-1] if parts[-1] == "__init__" else parts))
         modules[name] = path
     return modules
@@ -59,9 +61,8 @@ def _canonical(name: str) -> str:
 
 def project_imports(module: str, path: Path, modules: dict[str, Path], tree: ast.AST | None = None):
     """(node, [project modules it imports, ``module`` itself aside]) for every import of the
-    project's own modules anywhere in ``path``
-    (module level, functions, methods, branches): an import inside a function still runs,
-    only later."""
+    project's own modules anywhere in ``path`` (module level, functions, methods, branches):
+    an import inside a function still runs, only later."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
 
     def known(name: str) -> str | None:  # the deepest module of a dotted name
@@ -70,7 +71,6 @@ def project_imports(module: str, path: Path, modules: dict[str, Path], tree: ast
         return name or None
 
     for node in ast.walk(tree or ast.parse(path.read_text(), str(path))):
-        targets = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names if _is_project(a.name)]
             if not names:
@@ -239,16 +239,18 @@ SKIPPED_FOLDERS = {"__pycache__", "build", "dist", "out", "node_modules"}
 def repository_text_files():
     """Every text file of the checkout: code, README, docs, benchmarks, plugins, csrc,
     tests, CI (not virtual environments, caches or build outputs)."""
-    for path in sorted(ROOT.rglob("*")):
-        parts = path.relative_to(ROOT).parts
-        if any((p.startswith(".") and p not in (".ci", ".github")) or p in SKIPPED_FOLDERS
-               or p.endswith(".egg-info") for p in parts[:-1]):
-            continue
-        if not path.is_file() or path.stat().st_size > 2_000_000 or path == Path(__file__).resolve():
-            continue  # this file names the documents to look for them
-        data = path.read_bytes()
-        if b"\0" not in data[:8192]:
-            yield path, data.decode("utf-8", errors="replace")
+    for folder, subfolders, files in os.walk(ROOT):
+        subfolders[:] = sorted(d for d in subfolders if d not in SKIPPED_FOLDERS
+                               and not d.endswith(".egg-info")
+                               and (not d.startswith(".") or d in (".ci", ".github")))
+        for name in sorted(files):
+            path = Path(folder) / name
+            if path == Path(__file__).resolve():
+                continue  # this file names the documents to look for them
+            if path.is_file() and path.stat().st_size < 2_000_000:
+                data = path.read_bytes()
+                if b"\0" not in data[:8192]:
+                    yield path, data.decode("utf-8", errors="replace")
 
 
 def test_no_file_cites_a_document_the_repository_does_not_carry():
