@@ -19,6 +19,11 @@ if str(ROOT) not in sys.path:
 if not os.environ.get("DMF_TRITON_ENV") and (ROOT / ".venv-triton" / "bin" / "python").exists():
     os.environ["DMF_TRITON_ENV"] = str(ROOT / ".venv-triton")
 
+# this checkout's package, from ROOT above
+from dmf_export import load_checkpoint, ops  # noqa: E402
+from dmf_export.export import ExportOptions, export_checkpoint  # noqa: E402
+from dmf_export.synthetic import random_state_dict, write_random_checkpoint  # noqa: E402
+
 
 _STATE_DICTS: dict = {}
 EXPORT_IMAGE = 32  # 32 → 4×4 features: the whole graph, cheaply
@@ -28,8 +33,6 @@ EXPORT_IMAGE = 32  # 32 → 4×4 features: the whole graph, cheaply
 def dmf_state_dict():
     """``dmf_state_dict(groups=64, kernel=1, classes=64, seed=0)`` → a seeded random DMF
     state dict (original layout, float32), cached for the session; do not modify it."""
-    from dmf_export.synthetic import random_state_dict
-
     def make(groups=64, kernel=1, classes=64, seed=0):
         key = (groups, kernel, classes, seed)
         if key not in _STATE_DICTS:
@@ -68,8 +71,6 @@ def make_episode():
 def checkpoint_file(tmp_path):
     """``checkpoint_file(name="dmf.pth.tar", **write_random_checkpoint kwargs)`` → a path
     in this test's temporary folder holding a seeded random checkpoint."""
-    from dmf_export.synthetic import write_random_checkpoint
-
     def make(name="dmf.pth.tar", **kwargs):
         return write_random_checkpoint(tmp_path / name, **kwargs)
 
@@ -79,11 +80,10 @@ def checkpoint_file(tmp_path):
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
     """exported(groups, kernel, format, **options) → (checkpoint, [paths]): a seeded
-    checkpoint exported at EXPORT_IMAGE × EXPORT_IMAGE, once per session (AOTInductor
-    compiles take a while, so every test file shares these)."""
-    from dmf_export.synthetic import write_random_checkpoint
-    from dmf_export.export import ExportOptions, export_checkpoint
-
+    checkpoint exported at EXPORT_IMAGE × EXPORT_IMAGE, once per session. Every test that
+    needs an artifact (not the act of exporting) takes it from here: an export costs
+    seconds (AOTInductor tens of seconds), so each configuration is made once. One
+    checkpoint per (groups, kernel), so artifacts of one configuration share it."""
     root = tmp_path_factory.mktemp("exports")
     cache = {}
 
@@ -105,8 +105,6 @@ def exported(tmp_path_factory):
 @pytest.fixture(scope="session")
 def eager():
     """eager(checkpoint) → the eager model of a checkpoint file, cached."""
-    from dmf_export import load_checkpoint
-
     models = {}
 
     def get(checkpoint):
@@ -129,8 +127,6 @@ def cuda_unavailable_reason() -> str | None:
     with CUDA (a GPU machine without nvcc, or with a CPU-only torch, skips them)."""
     if not torch.cuda.is_available():
         return "no CUDA GPU"
-    from dmf_export import ops
-
     build_info = ops.require()  # builds the op if needed: the CUDA tests run it anyway
     if not build_info.with_cuda:
         return f"dmf::deform_conv2d built without CUDA ({build_info.without_cuda_reason})"

@@ -1,6 +1,6 @@
 """An independent, functional float64 rendering of DMF's eval forward (docs/op.md, "DMF eval forward").
 
-Written from the spec alone; shares no code with models/ or dmf_export/ (the DCN comes
+Written from docs/op.md alone; shares no code with models/ or dmf_export/ (the DCN comes
 from reference_dcn.py, itself independent). Deliberately literal rather than fast:
 explicit pair loop, a hand-written 3/8-rule RK4 step, the alignment A from its index
 formula, and the score's (h+2)(w+2) divisor.

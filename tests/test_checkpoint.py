@@ -74,7 +74,7 @@ def _with_kernel_conv(state_dict, out_channels):
 
 
 def _parameter_count(groups, kernel, classes):
-    """DMF_SPEC.md by hand: convs and BN affine of the backbone, then the head."""
+    """The original layout by hand: convs and BN affine of the backbone, then the head."""
     total, cin = 0, 3
     for width in (64, 160, 320, 640):
         total += 9 * cin * width + 2 * 9 * width * width + cin * width + 4 * 2 * width

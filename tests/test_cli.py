@@ -4,17 +4,18 @@ from __future__ import annotations
 import json
 import os
 
+import onnxruntime
 import pytest
 from cli_helpers import one_error_line
 from cli_helpers import run_cli as run
 
 from dmf_export.formats import base
+from dmf_export.formats.torchscript import TorchScript
+from dmf_export.synthetic import write_random_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from dmf_export.synthetic import write_random_checkpoint
-
     return write_random_checkpoint(tmp_path_factory.mktemp("cli") / "m.pth.tar", seed=3)
 
 
@@ -93,8 +94,6 @@ def test_unwritable_folder_is_refused(checkpoint, tmp_path):
 
 
 def test_a_failed_export_leaves_nothing_behind(checkpoint, tmp_path, monkeypatch):
-    from dmf_export.formats.torchscript import TorchScript
-
     def broken(self, job, graph, path, log):
         path.write_bytes(b"half")
         raise RuntimeError("disk full")
@@ -105,9 +104,8 @@ def test_a_failed_export_leaves_nothing_behind(checkpoint, tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
-def test_verify_json_reports_every_size(checkpoint, tmp_path):
-    target = tmp_path / "m.ts"
-    assert run("export", checkpoint, "-f", "torchscript", "-o", target, "--image-size", 32, "--no-verify")[0] == 0
+def test_verify_json_reports_every_size(exported):
+    checkpoint, (target,) = exported(64, 1, "torchscript")
     code, out = run("verify", target, "-c", checkpoint, "--sizes", "3w1s2q,2w2s1q", "--json")
     assert code == 0, out
     report = json.loads(out)
@@ -115,12 +113,9 @@ def test_verify_json_reports_every_size(checkpoint, tmp_path):
     assert all(r["max_abs"] < 1e-4 and r["agreement"] == 1.0 for r in report["results"])
 
 
-def test_verify_fails_with_exit_1_when_the_artifact_disagrees(checkpoint, tmp_path):
-    from dmf_export.synthetic import write_random_checkpoint
-
-    target = tmp_path / "m.ts"
-    other = write_random_checkpoint(tmp_path / "other.pth.tar", seed=99)
-    assert run("export", other, "-f", "torchscript", "-o", target, "--image-size", 32, "--no-verify")[0] == 0
+def test_verify_fails_with_exit_1_when_the_artifact_disagrees(checkpoint, exported):
+    exported_from, (target,) = exported(64, 1, "torchscript")
+    assert exported_from != checkpoint  # another seed: other weights
     code, out = run("verify", target, "-c", checkpoint, "--sizes", "3w1s2q")
     assert code == 1 and "FAIL" in out
 
@@ -136,12 +131,9 @@ def test_tensorrt_without_tensorrt_is_one_clear_line(checkpoint, tmp_path):
     assert code != 0 and "TensorRT" in one_error_line(out)
 
 
-def test_bench_json_times_eager_backbone_and_each_artifact_on_the_same_episode(checkpoint, tmp_path):
-    episode, split = tmp_path / "m.ts", tmp_path / "s.onnx"
-    assert run("export", checkpoint, "-f", "torchscript", "-o", episode, "--image-size", 32, "--no-verify")[0] == 0
-    assert run("export", checkpoint, "-f", "onnx", "--graph", "split", "-o", split, "--image-size", 32,
-               "--no-verify")[0] == 0
-    encoder = tmp_path / "s.encoder.onnx"
+def test_bench_json_times_eager_backbone_and_each_artifact_on_the_same_episode(exported):
+    checkpoint, (episode,) = exported(64, 1, "torchscript")
+    _, (encoder, _) = exported(64, 1, "onnx", graph="split")  # the same checkpoint
     code, out = run("bench", episode, encoder, "-c", checkpoint, "--sizes", "2w1s1q,3w1s2q",
                     "--repeats", 1, "--json")
     assert code == 0, out
@@ -165,8 +157,6 @@ def test_bench_json_times_eager_backbone_and_each_artifact_on_the_same_episode(c
 
 def test_fp16_onnx_export_skips_verify_when_onnxruntime_has_no_cuda_provider(checkpoint, tmp_path,
                                                                              monkeypatch):
-    import onnxruntime
-
     # a torch that sees a GPU beside an onnxruntime without the CUDA provider
     monkeypatch.setattr(base, "gpu_available", lambda: True)
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
@@ -177,17 +167,14 @@ def test_fp16_onnx_export_skips_verify_when_onnxruntime_has_no_cuda_provider(che
     assert target.is_file() and "skipping verify" in out and "CUDA provider" in out
 
 
-def test_bench_cuda_graph_without_a_gpu_device_is_one_clear_line(checkpoint, tmp_path):
-    target = tmp_path / "m.ts"
-    assert run("export", checkpoint, "-f", "torchscript", "-o", target, "--image-size", 32, "--no-verify")[0] == 0
+def test_bench_cuda_graph_without_a_gpu_device_is_one_clear_line(exported):
+    checkpoint, (target,) = exported(64, 1, "torchscript")
     code, out = run("bench", target, "-c", checkpoint, "--cuda-graph", "--sizes", "2w1s1q")
     assert code != 0 and "--device cuda" in one_error_line(out)
 
 
-def test_bench_refuses_an_fp16_torchscript_on_a_cpu_before_timing_anything(checkpoint, tmp_path):
-    target = tmp_path / "m.fp16.ts"
-    assert run("export", checkpoint, "-f", "torchscript", "--precision", "fp16", "-o", target,
-               "--image-size", 32, "--no-verify")[0] == 0
+def test_bench_refuses_an_fp16_torchscript_on_a_cpu_before_timing_anything(exported):
+    checkpoint, (target,) = exported(64, 1, "torchscript", precision="fp16")
     code, out = run("bench", target, "-c", checkpoint, "--sizes", "2w1s1q")
     assert code != 0 and "on a GPU" in one_error_line(out)
     assert "eager" not in out  # refused up front, nothing was timed

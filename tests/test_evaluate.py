@@ -18,14 +18,14 @@ from PIL import Image
 
 import dmf_export
 from cli_helpers import one_error_line, run_cli
+from conftest import EXPORT_IMAGE
 from dmf_export.synthetic import write_random_checkpoint
 from dmf_export.evaluate import open_model
-from dmf_export.export import ExportOptions, export_checkpoint
 from fewshot_data import (PICKLE_NAMES, draw, original_episodes, original_figures, original_file_transform,
                           original_folder_index, original_pickle_index, original_transform,
                           write_folders, write_pickle)
 
-SMALL = 32  # artifacts exported at 32×32 keep episodes quick; the pickles are stored at it
+SMALL = EXPORT_IMAGE  # artifacts exported at 32×32 keep episodes quick; the pickles are stored at it
 EPISODES, QUERIES = 3, 2  # 5-way 1-shot, 2 queries per class: 15 images an episode
 
 
@@ -38,16 +38,11 @@ def two_threads():
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """The checkpoint and its ONNX and TorchScript exports at 32×32."""
-    folder = tmp_path_factory.mktemp("models")
-    checkpoint = write_random_checkpoint(folder / "dmf.pth.tar")
-    exported = {}
-    for fmt, name in (("onnx", "dmf.onnx"), ("torchscript", "dmf.ts")):
-        export_checkpoint(checkpoint, ExportOptions(format=fmt, output=str(folder / name), force=True,
-                                                    image_size=SMALL, queries=10))
-        exported[fmt] = folder / name
-    return {"eager": checkpoint, **exported}
+def models(exported):
+    """A checkpoint and its ONNX and TorchScript exports at 32×32 (the session's)."""
+    checkpoint, (onnx_path,) = exported(64, 1, "onnx")
+    _, (torchscript_path,) = exported(64, 1, "torchscript")
+    return {"eager": checkpoint, "onnx": onnx_path, "torchscript": torchscript_path}
 
 
 @pytest.fixture(scope="module")

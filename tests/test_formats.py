@@ -3,26 +3,32 @@ refused for another, artifacts that are not what they claim refused in one line,
 exports that land whole or not at all."""
 from __future__ import annotations
 
-import ast
 import os
+import re
+import shutil
+import tomllib
+import zipfile
 from pathlib import Path
 
 import onnx
 import pytest
+import torch
 from cli_helpers import one_error_line
 from cli_helpers import run_cli as run
+from onnx import TensorProto, helper
 
 from dmf_export import formats
+from dmf_export.synthetic import write_random_checkpoint
+from dmf_export.contract import EpisodeSize, make_episode
 from dmf_export.errors import DMFExportError
 from dmf_export.formats.base import Format, Staging
+from dmf_export.formats.onnx import Onnx
 
 PACKAGE = Path(__file__).resolve().parent.parent / "dmf_export"
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from dmf_export.synthetic import write_random_checkpoint
-
     return write_random_checkpoint(tmp_path_factory.mktemp("formats") / "m.pth.tar", seed=4)
 
 
@@ -38,7 +44,32 @@ def test_every_format_fills_in_the_one_surface():
             assert getattr(type(fmt), method) is not getattr(Format, method), (fmt.name, method)
         assert type(fmt).write_graph is not Format.write_graph or type(fmt).write is not Format.write
         assert formats.for_path(Path(f"x.encoder{fmt.suffix}")) is fmt
-        assert fmt.unavailable() is None or isinstance(fmt.unavailable(), str)
+
+
+def test_a_format_this_machine_cannot_make_says_why_and_export_refuses_before_any_work(
+        checkpoint, tmp_path, monkeypatch):
+    """``unavailable`` names what is missing in one line (None: nothing is), and export
+    refuses with those words before it loads the checkpoint."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    for name in ("torchscript", "onnx", "triton"):  # plain files from any CPU machine
+        assert formats.get(name).unavailable(purpose="export") is None, name
+    for name in ("torchscript", "onnx"):
+        assert formats.get(name).unavailable() is None, name
+    reasons = {"aoti": formats.get("aoti").unavailable(purpose="export"),
+               "tensorrt": formats.get("tensorrt").unavailable(purpose="export")}
+    assert "no C++ compiler" in reasons["aoti"]
+    assert re.search("TensorRT is not installed|needs a CUDA GPU", reasons["tensorrt"])
+    for name, reason in reasons.items():
+        assert "\n" not in reason
+        fmt = formats.get(name)
+        code, out = run("export", checkpoint, "-f", name, "-o", tmp_path / f"m{fmt.suffix}", "--no-verify")
+        assert code == 2 and one_error_line(out) == f"Error: cannot export {fmt.title} here: {reason}"
+    assert list(tmp_path.iterdir()) == []
+    if shutil.which("c++"):  # with a compiler, what a CUDA package lacks here is the GPU
+        monkeypatch.delenv("CXX")
+        assert formats.get("aoti").unavailable(purpose="export") is None
+        assert "needs a GPU" in formats.get("aoti").unavailable("cuda", purpose="export")
 
 
 def test_the_command_line_offers_exactly_the_registered_formats():
@@ -46,40 +77,6 @@ def test_the_command_line_offers_exactly_the_registered_formats():
     assert code == 0
     choices = out[out.index("--format"):].split("[", 1)[1].split("]", 1)[0]
     assert choices.replace("\n", "").replace(" ", "").split("|") == formats.names()
-
-
-def _imports(path: Path, module: str) -> set[str]:
-    """Every dmf_export module ``path`` imports, at any depth of its code."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.startswith("dmf_export."))
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            if node.module == "dmf_export":  # from dmf_export import formats → the submodule
-                found.update(f"dmf_export.{a.name}" for a in node.names
-                             if (PACKAGE / a.name).is_dir() or (PACKAGE / f"{a.name}.py").is_file())
-            elif node.module.startswith("dmf_export."):
-                found.add(node.module)
-    return {name for name in found if name != module}
-
-
-def test_the_package_has_no_import_cycles():
-    graph = {}
-    for path in PACKAGE.rglob("*.py"):
-        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        if name != "dmf_export":  # the package root only gathers the public names
-            graph[name] = _imports(path, name)
-    assert "dmf_export.formats.onnx" in graph["dmf_export.formats.tensorrt"]  # the scan sees imports
-
-    def visit(name, trail):
-        if name in trail:
-            raise AssertionError("import cycle: " + " → ".join(trail[trail.index(name):] + [name]))
-        for target in graph.get(name, ()):
-            visit(target, trail + [name])
-
-    for name in graph:
-        visit(name, [])
 
 
 # -- options that belong to another format ---------------------------------------------
@@ -121,8 +118,6 @@ def _bad_artifacts(kind: str, real: Path, tmp_path: Path) -> Path:
 
 
 def _foreign_onnx(path):
-    from onnx import TensorProto, helper
-
     node = helper.make_node("Relu", ["x"], ["y"])
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
@@ -130,14 +125,10 @@ def _foreign_onnx(path):
 
 
 def _foreign_torchscript(path):
-    import torch
-
     torch.jit.save(torch.jit.script(torch.nn.ReLU()), str(path))
 
 
 def _foreign_zip(path):
-    import zipfile
-
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("model/data.pkl", b"not a package")
 
@@ -182,8 +173,6 @@ def test_an_onnx_file_that_fails_its_check_never_lands(checkpoint, tmp_path, mon
 
 
 def test_a_split_export_whose_head_fails_leaves_no_encoder(checkpoint, tmp_path, monkeypatch):
-    from dmf_export.formats.onnx import Onnx
-
     real = Onnx.write_graph
 
     def head_fails(self, job, graph, path, log):
@@ -200,8 +189,6 @@ def test_a_split_export_whose_head_fails_leaves_no_encoder(checkpoint, tmp_path,
 
 
 def test_a_forced_export_that_fails_keeps_the_old_files(checkpoint, tmp_path, monkeypatch):
-    from dmf_export.formats.onnx import Onnx
-
     old = {tmp_path / "m.encoder.onnx": "old encoder", tmp_path / "m.head.onnx": "old head"}
     for path, text in old.items():
         path.write_text(text)
@@ -261,10 +248,6 @@ class _Options:
 # -- episodes the original would turn into garbage, at every runner ------------------------
 
 def _bad_episodes():
-    import torch
-
-    from dmf_export.contract import EpisodeSize, make_episode
-
     support, labels, query = make_episode(EpisodeSize(3, 1, 2), 32, seed=1)
     nan = query.clone()
     nan[1, 0, 3, 3] = float("nan")
@@ -294,10 +277,6 @@ def test_every_runner_refuses_a_garbage_episode_in_one_line(exported, fmt, case)
 def test_fp16_inputs_to_an_fp32_artifact_give_the_fp32_scores(exported, eager):
     """A documented choice: inputs of any floating type are cast to the artifact's (fp16 to
     fp32 is exact), so the scores are those of the fp16 values in fp32."""
-    import torch
-
-    from dmf_export.contract import EpisodeSize, make_episode
-
     checkpoint, (path,) = exported(64, 1, "onnx")
     support, labels, query = make_episode(EpisodeSize(3, 1, 2), 32, seed=2)
     half = [t.half() for t in (support, labels, query)]
@@ -310,8 +289,6 @@ def test_fp16_inputs_to_an_fp32_artifact_give_the_fp32_scores(exported, eager):
 
 def test_an_installed_wheel_carries_every_subpackage():
     """pyproject lists packages by hand: a new folder of modules must be in the list."""
-    import tomllib
-
     listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")}
     assert found <= listed, f"not in pyproject's packages: {sorted(found - listed)}"

@@ -147,21 +147,37 @@ def test_support_order_and_class_columns(dmf_model, make_episode):
     torch.testing.assert_close(permuted, scores[:, columns], rtol=1e-5, atol=1e-5)
 
 
-def test_integer_one_hot_labels_are_accepted(dmf_model, make_episode):
-    support, labels, query = make_episode(way=3, shot=1, queries=1, seed=2)
-    model = dmf_model(64, 1)
+def test_integer_one_hot_labels_give_the_references_scores(dmf_model, dmf_state_dict, make_episode):
+    support, labels, query = make_episode(way=3, shot=2, queries=2, seed=2, query_noise=0.8)
     with torch.no_grad():
-        torch.testing.assert_close(model(support, labels.long(), query),
-                                   model(support, labels, query))
+        scores = dmf_model(64, 1)(support, labels.long(), query)
+    assert scores.dtype == torch.float32
+    reference = dmf_reference(dmf_state_dict(64, 1), support, labels, query, 64, 1)
+    _assert_matches_reference(scores, reference)
 
 
-def test_head_on_features_equals_forward(dmf_model, make_episode):
+@pytest.mark.parametrize("groups,kernel", [(64, 1), (160, 3)], ids=["G64K1", "G160K3"])
+def test_backbone_and_head_apart_match_the_reference_halves(groups, kernel, dmf_model,
+                                                             dmf_state_dict, make_episode):
+    """The split graph's two halves: ``base`` against the reference backbone, and ``head``
+    on given features against the reference head on the same features."""
     support, labels, query = make_episode(way=2, shot=2, queries=2, seed=4)
-    model = dmf_model(64, 1)
+    model = dmf_model(groups, kernel)
+    state = reference_dmf.as_float64(dmf_state_dict(groups, kernel))
     with torch.no_grad():
-        scores = model(support, labels, query)
-        split = model.head(model.base(support), labels, model.base(query))
-    torch.testing.assert_close(split, scores, rtol=1e-5, atol=1e-5)
+        features = model.base(torch.cat([support, query]))
+    torch.testing.assert_close(features.double(),
+                               reference_dmf.backbone(state, torch.cat([support, query]).double()),
+                               **TOL)
+    # the head on features of its own (3×3, not the backbone's 4×4), so a head bug cannot
+    # hide behind a backbone one
+    generator = torch.Generator().manual_seed(8)
+    features = torch.rand(6, 640, 3, 3, generator=generator)
+    with torch.no_grad():
+        scores = model.head(features[:4], labels, features[4:])
+    reference = reference_dmf.head(state, features[:4].double(), labels, features[4:].double(),
+                                   groups, kernel)
+    _assert_matches_reference(scores, reference)
 
 
 # -- eval semantics ------------------------------------------------------------------------

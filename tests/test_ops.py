@@ -1,8 +1,8 @@
-"""dmf::deform_conv2d: DCNv1 forward (DMF_SPEC.md, "Deformable convolution") on CPU and CUDA.
+"""dmf::deform_conv2d: DCNv1 forward (semantics: docs/op.md) on CPU and CUDA.
 
 Ground truth is never the op itself: the independent plain-PyTorch reference
 (tests/reference_dcn.py), onnxruntime's DeformConv (opset 19), numbers worked out by hand
-from the spec, and (for the CUDA kernel) the CPU implementation.
+from the semantics, and (for the CUDA kernel) the CPU implementation.
 """
 from __future__ import annotations
 
@@ -567,69 +567,9 @@ def test_cuda_kernel_compiles_standalone_with_nvcc(tmp_path):
                     "-o", str(tmp_path / "deform_conv_cuda.o")], check=True, timeout=300)
 
 
-# The CUDA kernel's source, run on the CPU: each block is kThreads std::threads meeting at
-# a std::barrier for __syncthreads(), __shared__ arrays are shared by the block's threads.
-# It checks the tiling, the indexing and the synchronisation of the real kernel (not the
-# hardware) where no GPU is available.
-_CUDA_EMULATION = r'''
-#pragma once
-#include <barrier>
-#include <cstdint>
-#include <functional>
-#include <thread>
-#include <vector>
-struct dim3 { unsigned x, y, z; dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {} };
-typedef struct CUstream_st* cudaStream_t;
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-struct __half { _Float16 v; };
-inline float __half2float(__half h) { return static_cast<float>(h.v); }
-inline __half __float2half_rn(float f) { return __half{static_cast<_Float16>(f)}; }
-namespace emu {
-inline thread_local dim3 thread_index, block_index;
-inline std::barrier<>* block_barrier = nullptr;
-inline void launch(dim3 grid, unsigned threads, const std::function<void()>& body) {
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        std::barrier<> barrier(threads);
-        block_barrier = &barrier;
-        std::vector<std::thread> pool;
-        for (unsigned t = 0; t < threads; ++t)
-          pool.emplace_back([&, t] { thread_index = dim3(t); block_index = dim3(x, y, z); body(); });
-        for (auto& thread : pool) thread.join();
-      }
-}
-}  // namespace emu
-#define threadIdx ::emu::thread_index
-#define blockIdx ::emu::block_index
-#define __syncthreads() ::emu::block_barrier->arrive_and_wait()
-#define __shared__ static
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __restrict__ __restrict
-#define __launch_bounds__(...)
-#define __align__(n) __attribute__((aligned(n)))
-'''
-
-_EMULATION_ENTRY = r'''
-extern "C" int emulated_forward(int dtype, const void* input, const void* offset,
-                                const void* weight, void* output, const int64_t* p) {
-  dmf::DeformConvShape s;
-  s.batch = p[0]; s.channels = p[1]; s.height = p[2]; s.width = p[3]; s.out_channels = p[4];
-  s.kernel_h = p[5]; s.kernel_w = p[6]; s.stride_h = p[7]; s.stride_w = p[8]; s.pad_h = p[9];
-  s.pad_w = p[10]; s.dilation_h = p[11]; s.dilation_w = p[12]; s.groups = p[13];
-  s.offset_groups = p[14]; s.input_batch = p[15];
-  if (dtype == 0) return dmf::deform_conv2d_forward_cuda(nullptr, (const float*)input,
-      (const float*)offset, (const float*)weight, (float*)output, s);
-  if (dtype == 1) return dmf::deform_conv2d_forward_cuda(nullptr, (const double*)input,
-      (const double*)offset, (const double*)weight, (double*)output, s);
-  return dmf::deform_conv2d_forward_cuda(nullptr, (const __half*)input, (const __half*)offset,
-      (const __half*)weight, (__half*)output, s);
-}
-'''
+# The CUDA kernel's source, run on the CPU by the stand-in CUDA headers in
+# tests/cpp/cuda_emulation/ (see cuda_runtime.h there).
+EMULATION = Path(__file__).resolve().parent / "cpp" / "cuda_emulation"
 
 
 @pytest.fixture(scope="module")
@@ -638,18 +578,16 @@ def emulated_cuda_kernel(tmp_path_factory):
     if compiler is None:
         pytest.skip("no g++ to build the CPU emulation of the CUDA kernel")
     folder = tmp_path_factory.mktemp("cuda_emulation")
-    (folder / "stub").mkdir()
-    (folder / "stub" / "cuda_runtime.h").write_text(_CUDA_EMULATION)
-    (folder / "stub" / "cuda_fp16.h").write_text('#pragma once\n#include "cuda_runtime.h"\n')
     source, launches = re.subn(
         r"([\w:]+<\w+>)\s*<<<([^,]+),([^,]+),[^>]*>>>\s*\(([^;]*)\);",
         r"::emu::launch(\2, \3, [&] { \1(\4); });", (KERNELS / "deform_conv_cuda.cu").read_text())
     assert launches == 1, "expected exactly one kernel launch in deform_conv_cuda.cu"
-    (folder / "kernel.cpp").write_text(source + _EMULATION_ENTRY)
+    (folder / "deform_conv_cuda_emulated.inc").write_text(source)
     library = folder / "kernel.so"
     build = subprocess.run(
         [compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-D__CUDACC__",
-         f"-I{folder / 'stub'}", f"-I{KERNELS}", str(folder / "kernel.cpp"), "-o", str(library)],
+         f"-I{EMULATION}", f"-I{folder}", f"-I{KERNELS}", str(EMULATION / "emulated_forward.cpp"),
+         "-o", str(library)],
         capture_output=True, text=True, timeout=300)
     if build.returncode != 0 and ("barrier" in build.stderr or "_Float16" in build.stderr):
         pytest.skip("g++ lacks C++20 <barrier> or _Float16")
