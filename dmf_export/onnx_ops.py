@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import onnxscript
+import torch
+from onnx.defs import OpSchema
 from onnxscript import opset19 as op
 
 from dmf_export.tensorrt.plugin import ONNX_DOMAIN, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
@@ -26,8 +28,6 @@ def _plugin_schema():
     # none is registered for a custom domain: hand one to the op directly (no global
     # registration). Input, attribute names and types are the plugin's
     # (plugins/DMFDeformConv2dPlugin/README.md).
-    from onnx.defs import OpSchema
-
     ints, integer, string = OpSchema.AttrType.INTS, OpSchema.AttrType.INT, OpSchema.AttrType.STRING
     return OpSchema(
         PLUGIN_NAME, ONNX_DOMAIN, 1,
@@ -80,8 +80,6 @@ def _plugin(input, offset, weight, stride, padding, dilation, groups, offset_gro
 
 
 def translation_table(flavor: str) -> dict:
-    import torch
-
     if flavor not in FLAVORS:
         raise ValueError(f"unknown ONNX flavour {flavor!r}; choose from {', '.join(FLAVORS)}")
     return {torch.ops.dmf.deform_conv2d.default: _standard if flavor == "standard" else _plugin}

@@ -87,7 +87,7 @@ class Onnx(Format):
         write_onnx(job, graph, path, job.opts.onnx_flavor)
 
     def read_info(self, path: Path) -> ArtifactInfo:
-        import onnx
+        import onnx  # heavy (protobuf schemas): only reading or writing an .onnx needs it
 
         model = onnx.load(str(path), load_external_data=False)
         meta = {p.key: p.value for p in model.metadata_props}
@@ -96,7 +96,7 @@ class Onnx(Format):
         return ArtifactInfo.from_json(meta[METADATA_KEY])
 
     def open(self, path: Path, info: ArtifactInfo, run: RunOptions) -> Runner:
-        import onnxruntime as ort
+        import onnxruntime as ort  # heavy: only running an .onnx needs it, not --help or export
 
         if info.onnx_flavor == "plugin":
             raise DMFExportError(f"{path} is a plugin-flavour ONNX graph (for TensorRT); "
