@@ -11,19 +11,17 @@
 """
 from __future__ import annotations
 
-import onnxscript
+import functools
+
 import torch
-from onnx.defs import OpSchema
-from onnxscript import opset19 as op
 
 from dmf_export.tensorrt.plugin import ONNX_DOMAIN, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 FLAVORS = ("standard", "plugin")
 
-_plugin_opset = onnxscript.values.Opset(ONNX_DOMAIN, 1)
-
-
 def _plugin_schema():
+    from onnx.defs import OpSchema  # heavy, deferred with onnxscript (see _onnxscript)
+
     # onnxscript (≥ 0.6) and torch's ONNX tracer only call ops that have a schema, and
     # none is registered for a custom domain: hand one to the op directly (no global
     # registration). Input, attribute names and types are the plugin's
@@ -41,7 +39,15 @@ def _plugin_schema():
     )
 
 
-_plugin_op = onnxscript.values.Op(_plugin_opset, PLUGIN_NAME, _plugin_schema())
+@functools.cache
+def _onnxscript():
+    """onnxscript's opset 19 and the plugin's op, made on the first export: onnxscript and
+    onnx take most of a second to import, which `dmf-export --help` should not pay."""
+    import onnxscript  # heavy, deferred on purpose (see above)
+    from onnxscript import opset19
+
+    plugin = onnxscript.values.Op(onnxscript.values.Opset(ONNX_DOMAIN, 1), PLUGIN_NAME, _plugin_schema())
+    return opset19, plugin
 
 
 def _per_sample(input, offset):
@@ -53,6 +59,7 @@ def _per_sample(input, offset):
             return input
     except (AttributeError, IndexError, TypeError):
         pass
+    op, _ = _onnxscript()
     images = op.Shape(input)  # [N_in, C, H, W]
     samples = op.Shape(offset, start=0, end=1)
     repeats = op.Div(samples, op.Shape(input, start=0, end=1))
@@ -63,6 +70,7 @@ def _per_sample(input, offset):
 
 def _standard(input, offset, weight, stride, padding, dilation, groups, offset_groups):
     # DeformConv takes (X, W, offset); kernel_shape is inferred from W.
+    op, _ = _onnxscript()
     return op.DeformConv(
         _per_sample(input, offset), weight, offset,
         strides=list(stride), pads=[padding[0], padding[1], padding[0], padding[1]],
@@ -71,7 +79,8 @@ def _standard(input, offset, weight, stride, padding, dilation, groups, offset_g
 
 
 def _plugin(input, offset, weight, stride, padding, dilation, groups, offset_groups):
-    return _plugin_op(
+    _, plugin_op = _onnxscript()
+    return plugin_op(
         _per_sample(input, offset), offset, weight,
         stride=list(stride), padding=list(padding), dilation=list(dilation),
         groups=groups, offset_groups=offset_groups,
