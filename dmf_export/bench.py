@@ -33,6 +33,10 @@ class Timing:
     vs_encoder: float | None = None   # this median ÷ its format's split encoder alone, same size
     peak_mb: float | None = None     # peak resident memory above the loaded process (CPU)
     gpu_peak_mb: float | None = None  # torch's peak CUDA allocation (torch-based candidates)
+    kind: str | None = None          # eager, backbone, encoder or artifact
+    format: str | None = None        # an artifact's or encoder's format, and its precision
+    precision: str | None = None
+    vs_fp32: float | None = None     # this median ÷ its fp32 twin's (same kind and format), same size
 
 
 def _sync(device: str) -> None:
@@ -164,7 +168,9 @@ def bench(checkpoint: str, artifacts: Sequence[str], sizes: Sequence[EpisodeSize
                 times, extra, gpu = pool.apply(
                     _measure, (candidate, size, image_size, settings))
             row = Timing(str(size), candidate.name, min(times), statistics.median(times),
-                         peak_mb=extra, gpu_peak_mb=gpu)
+                         peak_mb=extra, gpu_peak_mb=gpu, kind=candidate.kind,
+                         format=candidate.family[0] if candidate.family else None,
+                         precision=candidate.family[1] if candidate.family else None)
             log(f"  {size} {candidate.name}: min {row.min_s * 1e3:.1f} ms, median {row.median_s * 1e3:.1f} ms"
                 + (f", peak +{row.peak_mb:.0f} MB" if row.peak_mb is not None else ""))
             measured.append((candidate, row))
@@ -174,9 +180,14 @@ def bench(checkpoint: str, artifacts: Sequence[str], sizes: Sequence[EpisodeSize
 
 
 def _ratios(measured: list) -> None:
-    """Fill each row's ratios from the same size's eager, eager-backbone and encoder rows."""
+    """Fill each row's ratios from the same size's eager, eager-backbone, encoder and fp32
+    rows (the fp32 twin: the first fp32 candidate of the same kind and format)."""
     medians = {c.kind: r.median_s for c, r in measured if c.kind in ("eager", "backbone")}
     encoders = {c.family: r.median_s for c, r in measured if c.kind == "encoder"}
+    fp32 = {}
+    for c, r in measured:
+        if c.family and c.family[1] == "fp32":
+            fp32.setdefault((c.kind, c.family[0]), r.median_s)
     for candidate, row in measured:
         if candidate.kind != "eager" and "eager" in medians:
             row.speedup = medians["eager"] / row.median_s
@@ -184,3 +195,6 @@ def _ratios(measured: list) -> None:
             row.vs_backbone = row.median_s / medians["backbone"]
         if candidate.kind == "artifact" and candidate.family in encoders:
             row.vs_encoder = row.median_s / encoders[candidate.family]
+        twin = (candidate.kind, candidate.family[0]) if candidate.family else None
+        if twin in fp32 and candidate.family[1] != "fp32":
+            row.vs_fp32 = row.median_s / fp32[twin]

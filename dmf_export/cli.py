@@ -13,6 +13,7 @@ import click
 import torch
 
 from dmf_export import formats, ops
+from dmf_export import report as pages
 from dmf_export.bench import bench as run_bench
 from dmf_export.checkpoint import inspect_checkpoint
 from dmf_export.contract import parse_sizes
@@ -103,6 +104,22 @@ _cuda_graph_option = click.option("--cuda-graph", is_flag=True,
 _tf32_option = click.option("--tf32", is_flag=True,
                             help="On a GPU, let fp32 convolutions use TF32 (~5e-3 from the original). Off: IEEE fp32.")
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+
+
+def _report_option(what: str):
+    def check(ctx, param, value):
+        if value is not None:  # before minutes of work: matplotlib there, the folder usable
+            pages.require_matplotlib()
+            pages.check_folder(value)
+        return value
+
+    return click.option("--report", "report_dir", type=click.Path(file_okay=False), callback=check,
+                        help=f"Also write a report page to this folder: {what} (index.html, its "
+                             f"PNGs and the JSON; needs {pages.INSTALL}).")
+
+
+def _wrote_report(path) -> None:
+    _log(f"report: {path}")
 
 
 def _sizes_option(default: str | None, help: str):
@@ -198,7 +215,7 @@ def export(checkpoint, fmt, output, kernel, run_verify, **options):
         sys.exit(1)
 
 
-def _run_verify(artifact, checkpoint, as_json=False, **kwargs) -> bool:
+def _run_verify(artifact, checkpoint, as_json=False, report_dir=None, **kwargs) -> bool:
     if not as_json:
         _log(f"verifying {artifact} against the eager model")
     report = verify_artifact(artifact, checkpoint, log=(lambda _: None) if as_json else _log, **kwargs)
@@ -213,6 +230,8 @@ def _run_verify(artifact, checkpoint, as_json=False, **kwargs) -> bool:
                    f"min agreement {min(r.agreement for r in report.results):.0%}{ties} "
                    f"(rtol {tol.rtol:g}, atol {tol.atol:g}; agreement ≥ {tol.min_agreement:.0%}, "
                    f"near-ties counted as agreeing)")
+    if report_dir is not None:
+        _wrote_report(pages.write_verify_report(report_dir, report.to_dict()))
     return report.passed
 
 
@@ -228,14 +247,16 @@ def _run_verify(artifact, checkpoint, as_json=False, **kwargs) -> bool:
 @_cuda_graph_option
 @_tf32_option
 @_json_option
-def verify(artifact, checkpoint, provider, device, sizes, seed, rtol, atol, cuda_graph, tf32, as_json):
+@_report_option("the error per episode size against the tolerance")
+def verify(artifact, checkpoint, provider, device, sizes, seed, rtol, atol, cuda_graph, tf32, as_json,
+           report_dir):
     """Run ARTIFACT and the eager model on the same seeded episodes and compare.
 
     Exits 1 when any episode is outside the tolerances.
     """
-    ok = _run_verify(artifact, checkpoint, as_json=as_json, provider=provider, device=device,
-                     sizes=sizes, seed=seed, rtol=rtol, atol=atol, cuda_graph=cuda_graph,
-                     tf32=tf32)
+    ok = _run_verify(artifact, checkpoint, as_json=as_json, report_dir=report_dir, provider=provider,
+                     device=device, sizes=sizes, seed=seed, rtol=rtol, atol=atol,
+                     cuda_graph=cuda_graph, tf32=tf32)
     if not ok:
         sys.exit(1)
 
@@ -254,8 +275,9 @@ def verify(artifact, checkpoint, provider, device, sizes, seed, rtol, atol, cuda
 @_cuda_graph_option
 @_tf32_option
 @_json_option
+@_report_option("latency per candidate and episode size, ratios, peak memory")
 def bench(artifacts, checkpoint, sizes, repeats, threads, no_eager, no_backbone, provider, device,
-          cuda_graph, tf32, as_json):
+          cuda_graph, tf32, as_json, report_dir):
     """Per-episode latency (min/median) and peak memory of the eager model and of
     ARTIFACTS, side by side on the same episodes.
 
@@ -272,7 +294,13 @@ def bench(artifacts, checkpoint, sizes, repeats, threads, no_eager, no_backbone,
                      cuda_graph=cuda_graph, tf32=tf32, log=(lambda _: None) if as_json else _log)
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
-        return
+    else:
+        _print_timings(rows)
+    if report_dir is not None:
+        _wrote_report(pages.write_bench_report(report_dir, [dataclasses.asdict(r) for r in rows]))
+
+
+def _print_timings(rows) -> None:
     gpu = any(r.gpu_peak_mb is not None for r in rows)
     click.echo(f"{'episode':<9} {'what':<40} {'min ms':>8} {'median ms':>9} {'vs eager':>8} "
                f"{'÷ backbone':>10} {'÷ encoder':>9} {'peak MB':>7}" + (f" {'GPU MB':>7}" if gpu else ""))
@@ -297,7 +325,10 @@ def bench(artifacts, checkpoint, sizes, repeats, threads, no_eager, no_backbone,
               help="Queries per benchmark episode (5-way 1-shot).")
 def demo(out_dir, groups, kernel, seed, queries):
     """The whole job on an embedded default: a seeded checkpoint with RANDOM weights in the
-    original layout, exported to every format this machine supports, verified, timed."""
+    original layout, exported to every format this machine supports, verified, timed.
+
+    With matplotlib (pip install 'dmf-export[report]') it also writes a report page beside
+    the artifacts, OUT/report/index.html, and prints its path as the last line."""
     if not run_demo(Path(out_dir), groups=groups, kernel=int(kernel), seed=seed, queries=queries,
                     log=_log, echo=click.echo):
         sys.exit(1)
@@ -367,8 +398,10 @@ def _runner_options(fn):
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar (default: when stderr is a terminal).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report with per-episode figures.")
+@_report_option("accuracy, per-class accuracy, confusion matrix, the hardest queries as pictures, "
+                "where models disagree")
 def evaluate(models, data_root, split, episodes, way, shot, queries_per_class, layout, seed,
-             all_images, cifar, workers, provider, device, threads, progress, as_json):
+             all_images, cifar, workers, provider, device, threads, progress, as_json, report_dir):
     """The original's test protocol on each of MODELS (checkpoints run eagerly, or any
     artifact): prints test.py's `Accuracy: …%, ci95: …%` for each.
 
@@ -383,9 +416,16 @@ def evaluate(models, data_root, split, episodes, way, shot, queries_per_class, l
                           shot=shot, queries_per_class=queries_per_class, seed=seed, cifar=cifar,
                           all_images=all_images, provider=provider, device=device, threads=threads,
                           workers=workers, progress=progress, log=(lambda _: None) if as_json else _log)
+    figures = report.to_dict() if as_json or report_dir is not None else None
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
-        return
+        click.echo(json.dumps(figures, indent=2))
+    else:
+        _print_accuracy(report)
+    if report_dir is not None:
+        _wrote_report(pages.write_evaluation_report(report_dir, figures, report.pixels))
+
+
+def _print_accuracy(report) -> None:
     width = max(len(r.path) for r in report.models)
     backend_width = max(len(r.backend) for r in report.models) + 2
     for result in report.models:

@@ -1,6 +1,7 @@
 """``dmf-export demo``: the whole job on a seeded checkpoint with random weights."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable
 
@@ -9,7 +10,9 @@ import torch
 from dmf_export import formats
 from dmf_export.bench import bench
 from dmf_export.contract import EpisodeSize
+from dmf_export.errors import DMFExportError
 from dmf_export.export import ExportOptions, export_checkpoint
+from dmf_export.report import write_demo_report
 from dmf_export.synthetic import write_random_checkpoint
 from dmf_export.verify import verify_artifact
 
@@ -28,6 +31,8 @@ def supported_formats() -> tuple[list[str], dict[str, str]]:
 
 def run_demo(out_dir: Path, *, groups: int = 64, kernel: int = 1, seed: int = 0, queries: int = 15,
              log: Callable[[str], None] = print, echo: Callable[[str], None] = print) -> bool:
+    """Export, verify and time every format this machine supports; the last line echoed is
+    the path of the report page (out_dir/report/index.html) when matplotlib is installed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir / "dmf_random.pth.tar"
     write_random_checkpoint(checkpoint, groups=groups, kernel=kernel, seed=seed)
@@ -67,4 +72,11 @@ def run_demo(out_dir: Path, *, groups: int = 64, kernel: int = 1, seed: int = 0,
     for fmt, reason in skipped.items():
         echo(f"{fmt:<12} skipped: {reason}")
     echo(f"\nartifacts in {out_dir}/ (episode: {size}, image 84×84, scores [Q, way])")
+    try:
+        page = write_demo_report(out_dir / "report", [r[2].to_dict() for r in rows],
+                                 [dataclasses.asdict(t) for t in timings])
+    except DMFExportError as err:  # matplotlib missing (the report extra): the demo still ran
+        log(f"no report page: {err}")
+    else:
+        echo(str(page))  # the last line: the report page, to open in a browser
     return ok

@@ -31,6 +31,7 @@ from dmf_export.formats._torch import ExactFloat32, check_device
 
 CHECKPOINT_SUFFIXES = (".pth", ".pth.tar", ".tar", ".pt")
 PREDICT_BATCH = 75  # queries per call: one test episode's worth
+HARDEST = 8  # queries the report shows as pictures, with their episode's support images
 
 
 # -- path → runner ---------------------------------------------------------------------
@@ -112,6 +113,13 @@ def _scores(path, runner, support, support_labels, query, where: str) -> torch.T
 
 # -- evaluate --------------------------------------------------------------------------
 
+def _margins(scores: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """Per query: the best other class's score − the true class's (−inf for 1-way)."""
+    true = scores.gather(1, labels[:, None]).squeeze(1)
+    others = scores.scatter(1, labels[:, None], float("-inf")).max(1).values
+    return (others - true).tolist()
+
+
 def original_figures(correct: Sequence[int], queries: int) -> tuple[float, float]:
     """(accuracy, ci95) as test.py computes them from per-episode correct counts.
 
@@ -137,6 +145,8 @@ class ModelResult:
     correct: list[int] = dataclasses.field(default_factory=list)  # per episode
     predictions: list[list[int]] = dataclasses.field(default_factory=list)  # per episode, per query
     seconds: float = 0.0           # in the model's calls
+    # per episode, per query: the best other class's score − the true class's (> 0: wrong)
+    margins: list[list[float]] = dataclasses.field(default_factory=list)
 
     @property
     def accuracy(self) -> float:
@@ -197,6 +207,10 @@ class Evaluation:
     setup_seconds: float = 0.0     # reading the split's index or pickle, sampling episodes
     data_seconds: float = 0.0      # decoding + preprocessing, summed over the workers
     data_wait_seconds: float = 0.0  # the evaluation loop waiting for the next episode
+    # the episodes as drawn, and the split and preprocessing they came from: the hardest
+    # queries' images (never in to_dict; a report reads their pixels through ``pixels``)
+    draws: list = dataclasses.field(default_factory=list, repr=False)
+    source: tuple | None = dataclasses.field(default=None, repr=False)
 
     def agreements(self) -> list[Agreement]:
         return [compare(result, self.models[0]) for result in self.models[1:]]
@@ -222,9 +236,53 @@ class Evaluation:
             "per_episode": [
                 {"episode": index, "classes": classes,
                  "correct": {r.path: r.correct[index] for r in self.models},
-                 "accuracy": {r.path: r.correct[index] / r.queries for r in self.models}}
+                 "accuracy": {r.path: r.correct[index] / r.queries for r in self.models},
+                 # labels index "classes", in the order the model saw the queries
+                 "query_labels": [label for _, label in self.draws[index].query]
+                 if index < len(self.draws) else None,
+                 "predicted": {r.path: r.predictions[index] for r in self.models
+                               if index < len(r.predictions)}}
                 for index, classes in enumerate(self.episode_classes)],
+            "hardest": self.hardest(),
         }
+
+    def _image(self, index: int) -> dict:
+        """An image of the split: its index there and, for image folders, its file."""
+        paths = getattr(self.source[0], "paths", None) if self.source else None
+        return {"index": index, "file": str(paths[index]) if paths is not None else None}
+
+    def hardest(self, count: int = HARDEST) -> list[dict]:
+        """The ``count`` hardest queries: wrong for the most models, then by the largest
+        margin of a wrong class over the true one; each with its episode's support set."""
+        if not self.draws or not self.models or not self.models[0].margins:
+            return []
+        ranked = []
+        for e, episode in enumerate(self.draws[:len(self.models[0].margins)]):
+            for q, (_, label) in enumerate(episode.query):
+                margins = [r.margins[e][q] for r in self.models]
+                wrong = sum(r.predictions[e][q] != label for r in self.models)
+                worst = max((m for m in margins if math.isfinite(m)), default=-math.inf)
+                ranked.append((wrong, worst, -e, -q))
+        out = []
+        for _, _, minus_episode, minus_query in sorted(ranked, reverse=True)[:count]:
+            e, q = -minus_episode, -minus_query  # negated so that ties go to the earliest
+            episode, classes = self.draws[e], self.episode_classes[e]
+            image, label = episode.query[q]
+            out.append({
+                "episode": e, "query": q, "class": classes[label], **self._image(image),
+                "predicted": {r.path: classes[r.predictions[e][q]] for r in self.models},
+                "margin": {r.path: r.margins[e][q] if math.isfinite(r.margins[e][q]) else None
+                           for r in self.models},
+                "support": [{"class": classes[k], **self._image(i)} for i, k in episode.support]})
+        return out
+
+    def pixels(self, indices: Sequence[int]) -> np.ndarray:
+        """uint8 ``[N, H, W, 3]`` of the split's images at ``indices``, as the models saw
+        them before normalisation (resized and cropped)."""
+        if self.source is None:
+            raise DMFExportError("this evaluation holds no dataset to read images from")
+        split, preprocessing = self.source
+        return split.pixels(list(indices), preprocessing)
 
 
 def _progress(total: int, enabled: bool | None):
@@ -258,6 +316,7 @@ def evaluate(paths: Sequence, data_root, *, split: str = "test", layout: str | N
     evaluation = Evaluation(str(data_root), split, data.layout, episodes, way, shot,
                             queries_per_class, seed, "cifar-fs" if cifar else "imagenet", results,
                             [[data.class_names.get(c, str(c)) for c in e.classes] for e in drawn])
+    evaluation.draws, evaluation.source = drawn, (data, preprocessing)
     evaluation.setup_seconds = time.perf_counter() - start
     stream = iterate_episodes(data, drawn, preprocessing, workers)
     with contextlib.closing(stream), _progress(episodes, progress) as bar:
@@ -276,6 +335,7 @@ def evaluate(paths: Sequence, data_root, *, split: str = "test", layout: str | N
                 predicted = scores.argmax(1)
                 result.predictions.append(predicted.tolist())
                 result.correct.append(int((predicted == tensors.query_labels).sum()))
+                result.margins.append(_margins(scores, tensors.query_labels))
             bar.set_postfix_str(f"accuracy {results[0].accuracy:.2%}", refresh=False)
             bar.update()
     evaluation.wall_seconds = time.perf_counter() - start

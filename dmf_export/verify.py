@@ -19,6 +19,8 @@ class SizeResult:
     agreement: float  # fraction of queries whose arg-max is the eager model's
     near_ties: int  # queries that disagree only where the eager model's scores tie within tolerance
     passed: bool
+    # the largest |a − b| ÷ (atol + rtol·|b|): the share of the tolerance used (≤ 1 passes)
+    tolerance_used: float | None = None
 
 
 @dataclasses.dataclass
@@ -53,9 +55,11 @@ def compare(scores: torch.Tensor, expected: torch.Tensor, tol: Tolerance, size: 
     max_abs = float(diff.max()) if diff.numel() else 0.0
     max_rel = float((diff / expected.abs().clamp_min(1e-12)).max()) if diff.numel() else 0.0
     finite = bool(torch.isfinite(scores).all())
-    close = bool((diff <= tol.atol + tol.rtol * expected.abs()).all())
+    allowed = tol.atol + tol.rtol * expected.abs()
+    close = bool((diff <= allowed).all())
+    used = float((diff / allowed.clamp_min(1e-300)).max()) if diff.numel() else 0.0
     if not scores.numel():
-        return SizeResult(size, max_abs, max_rel, 1.0, 0, finite and close)
+        return SizeResult(size, max_abs, max_rel, 1.0, 0, finite and close, used)
     picked = scores.argmax(1)
     same = picked == expected.argmax(1)
     best = expected.max(1).values
@@ -64,7 +68,7 @@ def compare(scores: torch.Tensor, expected: torch.Tensor, tol: Tolerance, size: 
     agreement = float(same.double().mean())
     accepted = float((same | tie).double().mean())
     return SizeResult(size, max_abs, max_rel, agreement, int(tie.sum()),
-                      finite and close and accepted >= tol.min_agreement)
+                      finite and close and accepted >= tol.min_agreement, used)
 
 
 def verify_artifact(artifact: str, checkpoint: str, *, provider: str = "cpu", device: str = "cpu",
