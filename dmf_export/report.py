@@ -39,7 +39,7 @@ img{max-width:100%;height:auto}
 table{border-collapse:collapse;margin:.5rem 0;font-variant-numeric:tabular-nums}
 th,td{padding:.2rem .5rem;border-bottom:1px solid #ddd;text-align:right;vertical-align:top}
 th:first-child,td:first-child{text-align:left}
-td.name{word-break:break-all;text-align:left}
+td.name{text-align:left}.paths{overflow-wrap:anywhere}
 .fail{color:#b00020;font-weight:600}.pass{color:#11722a;font-weight:600}
 .cases{display:flex;flex-direction:column;gap:1rem}
 .case{border:1px solid #ddd;border-radius:6px;padding:.5rem}
@@ -142,9 +142,18 @@ def _table(header: Sequence[str], rows: Iterable[Sequence], css: str = "") -> st
 
 
 def _cell(value) -> str:
+    if isinstance(value, tuple) and value[1] == "name":  # a path: its file name, the rest on hover
+        return f'<td class="name" title="{_e(value[0])}">{_e(_short(value[0]))}</td>'
     if isinstance(value, tuple):  # (text, css class)
         return f'<td class="{value[1]}">{_e(value[0])}</td>'
     return f"<td>{_e(value)}</td>"
+
+
+def _paths(names: Iterable[str]) -> str:
+    """The full paths the tables name by their file names."""
+    items = "".join(f"<li><b>{_e(_short(n))}</b>: {_e(n)}</li>" for n in dict.fromkeys(names)
+                    if _short(n) != n)
+    return f'<ul class="muted paths">{items}</ul>' if items else ""
 
 
 def percent(value) -> str:
@@ -195,7 +204,7 @@ def _evaluation_sections(page: _Page, ev: dict, pixels) -> None:
         ["model", "backend", "accuracy", "95 % interval (±)", "episodes/s"],
         [((m["path"], "name"), m["backend"], (percent(m["accuracy"]), "accuracy"),
           (percent(m["ci95"]), "ci95"), _num(m["episodes_per_second"], ".2f")) for m in ev["models"]],
-        "models"))
+        "models"), _paths(models))
     page.add('<p class="muted">Accuracy over all queries of all episodes; ± is test.py\'s ci95 '
              "(1.96 · std of the per-episode accuracies / √episodes).</p>")
     _histogram(page, ev, models)
@@ -277,6 +286,9 @@ def _disagreement(page: _Page, ev: dict, models: list[str]) -> None:
           f'{100 * a["largest_episode_difference"]:.2f} pts'
           + (f' (episode {a["largest_episode"]})' if a["largest_episode"] is not None else ""))
          for a in ev["agreement"]], "agreement"))
+    if all(a["queries_identical"] == a["queries"] for a in ev["agreement"]):
+        page.add("<p>Every model predicted the same class as the first for every query.</p>")
+        return
     names = sorted({c for episode in ev["per_episode"] for c in episode["classes"]})
     figure = page.figure(7, 0.8 + 0.22 * len(names))
     axes = figure.subplots()
@@ -365,6 +377,7 @@ def _bench_sections(page: _Page, rows: list[dict]) -> None:
                       _num(r["vs_backbone"], ".3f"), _num(r["vs_encoder"], ".3f"),
                       _num(r.get("vs_fp32"), ".3f"), _num(r["peak_mb"], ".0f"),
                       _num(r["gpu_peak_mb"], ".0f")) for r in rows], "timings"))
+    page.add(_paths(names))
     page.add('<p class="muted">vs eager: the eager median ÷ this one; ÷ backbone: this median ÷ '
              "the eager backbone's on the same S + Q images; ÷ encoder: ÷ its format's split "
              "encoder alone; ÷ fp32 twin: ÷ the fp32 candidate of the same format. Peak MB: the "
@@ -428,6 +441,10 @@ def _verify_sections(page: _Page, reports: list[dict]) -> None:
     bottom.axhline(1, linestyle="--", color="#b00020", linewidth=1)
     top.set_yscale("log")
     bottom.set_yscale("log")
+    errors = [max(r["max_abs"], 1e-12) for report in reports for r in report["results"]]
+    used = [max(r.get("tolerance_used") or 0, 1e-6) for report in reports for r in report["results"]]
+    top.set_ylim(min(errors + list(atols)) / 3, max(errors + list(atols)) * 3)
+    bottom.set_ylim(min(used + [1]) / 3, max(used + [1]) * 3)
     top.set_ylabel("largest |a − b|")
     bottom.set_ylabel("share of tolerance used")
     bottom.set_xticks(range(len(sizes)), sizes, rotation=30, fontsize=8)

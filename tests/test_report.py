@@ -140,7 +140,8 @@ def test_the_evaluation_page_shows_the_json_figures(evaluation):
     assert json.loads((folder / "report.json").read_text()) == figures  # the page's source
     page = _page(folder)
     shown = [(row[0], row[2], row[3]) for row in _rows(page, "models")]
-    assert shown == [(m["path"], f"{m['accuracy']:.2%}", f"{m['ci95']:.2%}") for m in figures["models"]]
+    assert shown == [(Path(m["path"]).name, f"{m['accuracy']:.2%}", f"{m['ci95']:.2%}")
+                     for m in figures["models"]]
     agreement = figures["agreement"][0]
     row = _rows(page, "agreement")[0]
     assert row[2:4] == [f"{agreement['episodes_identical']}/{EPISODES}",
@@ -243,7 +244,7 @@ def test_the_bench_page_shows_the_json_timings(benchmark):
     assert [r["name"] for r in rows] == ["eager backbone", str(rows[1]["name"])]
     shown = _rows(_page(folder), "timings")
     assert [(r[0], r[1], r[2], r[3], r[5]) for r in shown] == [
-        (r["size"], r["name"], f"{r['min_s'] * 1e3:.1f}", f"{r['median_s'] * 1e3:.1f}",
+        (r["size"], Path(r["name"]).name, f"{r['min_s'] * 1e3:.1f}", f"{r['median_s'] * 1e3:.1f}",
          "–" if r["vs_backbone"] is None else f"{r['vs_backbone']:.3f}") for r in rows]
     assert shown[1][5] != "–"  # the artifact ÷ the backbone
 
@@ -342,3 +343,15 @@ def test_the_page_in_a_headless_browser_at_phone_width(which, request, tmp_path)
         assert [row[3] for row in _rows(dom, "timings")] == [f"{r['median_s'] * 1e3:.1f}" for r in figures]
     else:
         assert [row[1] for row in _rows(dom, "parity")] == [f"{r['max_abs']:.2e}" for r in figures["results"]]
+
+
+def test_a_model_that_disagrees_gets_the_per_class_plot(evaluation, tmp_path):
+    figures, _ = evaluation
+    changed = json.loads(json.dumps(figures))
+    episode = changed["per_episode"][0]
+    second = changed["models"][1]["path"]
+    episode["predicted"][second][0] = (episode["predicted"][second][0] + 1) % 5
+    changed["agreement"][0]["queries_identical"] -= 1
+    page = pages.write_evaluation_report(tmp_path / "r", changed)
+    assert (tmp_path / "r" / "img" / "disagreement.png").is_file()
+    assert "img/disagreement.png" in _page(page.parent).images
