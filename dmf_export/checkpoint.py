@@ -132,9 +132,10 @@ def _sniff(path: Path) -> str:
         return "zip"
     if head[0] == _PICKLE_PROTO:
         return "legacy"
-    what = f" ({kind})" if kind else ""
+    if kind:
+        raise DMFExportError(f"{path} is {kind}, not a PyTorch checkpoint")
     raise DMFExportError(
-        f"{path} is not a PyTorch checkpoint{what}: neither the zip nor the legacy serialisation")
+        f"{path} is not a PyTorch checkpoint (neither the zip nor the legacy serialisation)")
 
 
 def _load_safely(path: Path, serialisation: str):
