@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from dmf_export import sniff
 from dmf_export.errors import DMFExportError, summarize
 from dmf_export.models import DMF, check_groups_kernel
 from dmf_export.safe_pickle import NUMBER_GLOBALS
@@ -107,22 +108,32 @@ def _short_list(names) -> str:
 
 
 def _sniff(path: Path) -> str:
-    """'zip' or 'legacy' from the first bytes; DMFExportError otherwise."""
+    """'zip' or 'legacy' from the first bytes (and a zip's member names); otherwise
+    DMFExportError saying what the file is instead (an artifact: which commands read it)."""
     if not path.exists():
         raise DMFExportError(f"cannot read {path}: no such file")
     if path.is_dir():
         raise DMFExportError(f"cannot read {path}: it is a directory, not a checkpoint file")
     try:
+        kind = sniff.kind_of(path)
         with open(path, "rb") as handle:
             head = handle.read(4)
     except OSError as err:
         raise DMFExportError(f"cannot read {path}: {err.strerror or err}") from None
-    if not head:
+    if kind == sniff.EMPTY:
         raise DMFExportError(f"cannot read {path}: the file is empty")
+    if kind in sniff.ARTIFACT_KINDS:
+        raise DMFExportError(f"{path} is {kind} (an exported artifact), not a checkpoint: "
+                             "`dmf-export inspect`, `evaluate`, `verify` and `bench` read it; "
+                             "`export` and `--checkpoint` want the training checkpoint")
     if head == _ZIP_MAGIC:
+        if kind not in (sniff.TORCH_ZIP, "a damaged zip archive"):
+            raise DMFExportError(f"{path} is {kind}, not a PyTorch checkpoint")
         return "zip"
     if head[0] == _PICKLE_PROTO:
         return "legacy"
+    if kind:
+        raise DMFExportError(f"{path} is {kind}, not a PyTorch checkpoint")
     raise DMFExportError(
         f"{path} is not a PyTorch checkpoint (neither the zip nor the legacy serialisation)")
 

@@ -15,10 +15,11 @@ import torch
 from dmf_export import formats, ops
 from dmf_export import report as pages
 from dmf_export.bench import bench as run_bench
-from dmf_export.checkpoint import inspect_checkpoint
 from dmf_export.contract import parse_sizes
 from dmf_export.demo import run_demo
 from dmf_export.errors import DMFExportError
+from dmf_export.data import MAX_WORKERS, PREFETCH_EPISODES
+from dmf_export.evaluate import describe, printable
 from dmf_export.evaluate import evaluate as run_evaluate
 from dmf_export.evaluate import predict as run_predict
 from dmf_export.export import SOLVERS, ExportOptions, export_checkpoint, format_options
@@ -64,23 +65,37 @@ def main(ctx, debug):
 
 
 @main.command()
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("path", metavar="CHECKPOINT_OR_ARTIFACT", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def inspect(checkpoint, as_json):
-    """Read CHECKPOINT safely (no pickle code runs) and say what it is."""
-    info = inspect_checkpoint(checkpoint)
+def inspect(path, as_json):
+    """Say what CHECKPOINT_OR_ARTIFACT is, reading it safely (no pickled code runs).
+
+    \b
+    A checkpoint: its layout (wrapped, prefix, serialisation), groups, kernel, classes,
+    parameters. An artifact (.pt TorchScript, .onnx, .pt2, .engine, a Triton repository):
+    its format, graph, precision, image size, export options and the metadata the export
+    wrote (ONNX: opsets, inputs and outputs).
+    """
+    info = describe(path)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    if info["dataset"] == "unknown":
-        info["dataset"] = f"unknown ({info['classes']} classes: not miniImageNet's 64 " \
-                          f"nor tieredImageNet's 351)"
-    else:
-        info["dataset"] = f"{info['dataset']} (by its {info['classes']} classes)"
+    if info.get("kind") == "checkpoint":
+        if info["dataset"] == "unknown":
+            info["dataset"] = f"unknown ({info['classes']} classes: not miniImageNet's 64 " \
+                              f"nor tieredImageNet's 351)"
+        else:
+            info["dataset"] = f"{info['dataset']} (by its {info['classes']} classes)"
     width = max(len(k) for k in info)
     for key, value in info.items():
-        shown = ", ".join(map(str, value)) if isinstance(value, list) else value
-        click.echo(f"{key:<{width}}  {shown}")
+        if isinstance(value, list):
+            shown = ", ".join(map(str, value))
+        elif isinstance(value, dict):
+            shown = ", ".join(f"{k}={'×'.join(map(str, v)) if isinstance(v, list) else v}"
+                              for k, v in value.items())
+        else:
+            shown = value
+        click.echo(f"{key:<{width}}  {printable(str(shown))}")
 
 
 def _log(message: str) -> None:
@@ -370,8 +385,15 @@ def _runner_options(fn):
     fn = _threads_option(fn)
     fn = _device_option(fn)
     fn = _provider_option(fn)
+    fn = click.option("--image-size", type=click.IntRange(min=1),
+                      help="The image size a checkpoint runs at (default 84; 32 with --cifar). "
+                           "Images of any other size are refused, as an artifact refuses images "
+                           "not of its exported size.")(fn)
     fn = click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1),
-                      help="Threads decoding and preprocessing images.")(fn)
+                      help=f"Threads decoding and preprocessing images (at most {MAX_WORKERS} run). "
+                           f"Memory does not grow with it: {PREFETCH_EPISODES} episodes are "
+                           "decoded ahead whatever the count (about 7 MB each at 84×84, 5-way "
+                           "1-shot, 15 queries).")(fn)
     fn = click.option("--cifar", is_flag=True,
                       help="CIFAR-FS's test transform: its mean/std, and no resize or crop.")(fn)
     return fn
@@ -383,10 +405,15 @@ def _runner_options(fn):
               help="Dataset root: the miniImageNet pickles, or {train,val,test}/<class>/<image>.")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]),
               help="Which split (the original's test.py evaluates val unless --phase test).")
-@click.option("--episodes", default=2000, show_default=True, type=click.IntRange(min=1))
-@click.option("--way", default=5, show_default=True, type=click.IntRange(min=1))
-@click.option("--shot", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--queries-per-class", default=15, show_default=True, type=click.IntRange(min=1))
+@click.option("--episodes", default=2000, show_default=True, type=click.IntRange(min=1),
+              help="Episodes to evaluate (the original's test.py: 2000). Drawn as they are "
+                   "consumed: any count starts at once, in bounded memory.")
+@click.option("--way", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Classes per episode.")
+@click.option("--shot", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Support images per class.")
+@click.option("--queries-per-class", default=15, show_default=True, type=click.IntRange(min=1),
+              help="Query images per class (the original: 15, so 75 queries a 5-way episode).")
 @click.option("--layout", type=click.Choice(["pickle", "folders"]),
               help="Dataset layout (default: detected).")
 @click.option("--seed", default=112, show_default=True, type=int,
@@ -396,18 +423,22 @@ def _runner_options(fn):
                    "(the original's rule; changes the episodes where other files exist).")
 @_runner_options
 @click.option("--progress/--no-progress", default=None,
-              help="Progress bar (default: when stderr is a terminal).")
+              help="Progress on stderr (default on): a bar on a terminal, otherwise a line "
+                   "every 10 s with the rate and the time left.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report with per-episode figures.")
 @_report_option("accuracy, per-class accuracy, confusion matrix, the hardest queries as pictures, "
                 "where models disagree")
 def evaluate(models, data_root, split, episodes, way, shot, queries_per_class, layout, seed,
-             all_images, cifar, workers, provider, device, threads, progress, as_json, report_dir):
+             all_images, cifar, workers, image_size, provider, device, threads, progress, as_json,
+             report_dir):
     """The original's test protocol on each of MODELS (checkpoints run eagerly, or any
     artifact): prints test.py's `Accuracy: …%, ci95: …%` for each.
 
     \b
     Episodes are drawn as the original draws them (Python's random seeded 112). Given
     several models, every one sees the same episodes, and each is compared with the first.
+    Memory: the dataset's index (a pickle split: its whole array), the models, and
+    8 decoded episodes; the per-episode figures for the report add ~1 KB an episode.
     Examples:
       dmf-export evaluate 1shot.pth.tar --data miniImageNet_pickle
       dmf-export evaluate 5shot.pth.tar 5shot.onnx --data tiered_imagenet --shot 5 --threads 8
@@ -415,7 +446,8 @@ def evaluate(models, data_root, split, episodes, way, shot, queries_per_class, l
     report = run_evaluate(models, data_root, split=split, layout=layout, episodes=episodes, way=way,
                           shot=shot, queries_per_class=queries_per_class, seed=seed, cifar=cifar,
                           all_images=all_images, provider=provider, device=device, threads=threads,
-                          workers=workers, progress=progress, log=(lambda _: None) if as_json else _log)
+                          workers=workers, progress=progress, image_size=image_size,
+                          log=(lambda _: None) if as_json else _log)
     figures = report.to_dict() if as_json or report_dir is not None else None
     if as_json:
         click.echo(json.dumps(figures, indent=2))
@@ -454,7 +486,8 @@ def _print_accuracy(report) -> None:
 @_runner_options
 @_json_option
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV: query, class, a score per class.")
-def predict(artifact, queries, support_dir, cifar, workers, provider, device, threads, as_json, as_csv):
+def predict(artifact, queries, support_dir, cifar, workers, image_size, provider, device, threads,
+            as_json, as_csv):
     """Classify each of QUERIES (image files, or folders of them) against the classes of
     the support folder, with ARTIFACT (a checkpoint or any artifact).
 
@@ -467,7 +500,8 @@ def predict(artifact, queries, support_dir, cifar, workers, provider, device, th
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
     result = run_predict(artifact, support_dir, queries, cifar=cifar, provider=provider,
-                         device=device, threads=threads, workers=workers)
+                         device=device, threads=threads, workers=workers, image_size=image_size,
+                         log=_log)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -476,6 +510,7 @@ def predict(artifact, queries, support_dir, cifar, workers, provider, device, th
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerows(rows)
         return
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) if i < 2 else cell.rjust(width)

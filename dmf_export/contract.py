@@ -61,6 +61,16 @@ def tensor_dims(graph: str, image_size: int = DEFAULT_IMAGE_SIZE) -> dict[str, l
             for name, dims in TENSORS[graph].items()}
 
 
+# how messages name each dynamic axis
+AXIS_WORDS = {"S": "images (S = way·shot)", "way": "classes (way)", "Q": "queries (Q)", "N": "images (N)"}
+
+
+def episode_shapes(size: "EpisodeSize", image_size: int = DEFAULT_IMAGE_SIZE) -> dict[str, tuple[int, ...]]:
+    """{input name: shape} of the episode graph's inputs for an episode of ``size``."""
+    sizes = {"S": size.support, "way": size.way, "Q": size.queries, "H": image_size}
+    return {name: tuple(sizes.get(d, d) for d in TENSORS["episode"][name]) for name in EPISODE_INPUTS}
+
+
 def dynamic_axes(graph: str) -> dict[str, dict[int, str]]:
     """{input name: {axis: dynamic axis name}} of ``graph``'s inputs (what torch.export's
     dynamic shapes and ONNX's dynamic axes say)."""

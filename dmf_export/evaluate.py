@@ -12,7 +12,6 @@ import dataclasses
 import math
 import sys
 import time
-import zipfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,30 +19,39 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dmf_export.checkpoint import load_checkpoint
+from dmf_export import sniff
+from dmf_export.checkpoint import inspect_checkpoint, load_checkpoint
+from dmf_export.contract import DEFAULT_IMAGE_SIZE, check_episode
 from dmf_export.data import (
-    ORIGINAL_SEED, iterate_episodes, one_hot, open_split, preprocessing_for, query_files,
-    read_images, sample_episodes, support_folders,
+    ORIGINAL_SEED, describe_skipped, draw_episodes, iterate_episodes, one_hot, open_split,
+    preprocessing_for, query_files, read_images, support_folders,
 )
 from dmf_export.errors import DMFExportError, summarize
-from dmf_export.formats import open_artifact
+from dmf_export.formats import for_path, open_artifact, read_info
 from dmf_export.formats._torch import ExactFloat32, check_device
 
 CHECKPOINT_SUFFIXES = (".pth", ".pth.tar", ".tar", ".pt")
 PREDICT_BATCH = 75  # queries per call: one test episode's worth
 HARDEST = 8  # queries the report shows as pictures, with their episode's support images
+CIFAR_IMAGE_SIZE = 32  # CIFAR-FS's images, used at their stored size by its transform
+PROGRESS_SECONDS = 10.0  # off a terminal: a progress line this often
+
+
+def checkpoint_image_size(image_size: int | None, cifar: bool) -> int:
+    """The image size a checkpoint runs at: the one given, else the original's (84, or
+    CIFAR-FS's 32). An artifact runs at the size it was exported for."""
+    return image_size or (CIFAR_IMAGE_SIZE if cifar else DEFAULT_IMAGE_SIZE)
 
 
 # -- path → runner ---------------------------------------------------------------------
 
 def _is_torchscript(path: Path) -> bool:
-    """TorchScript archives carry code/ and constants.pkl; a zip checkpoint only data.pkl."""
+    """TorchScript archives carry code/ and constants.pkl; a zip checkpoint only data.pkl
+    (the legacy, PyTorch 1.4 serialisation is no zip: a checkpoint)."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            return any("/code/" in name or name.endswith("/constants.pkl")
-                       for name in archive.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False  # the legacy (PyTorch 1.4) serialisation is no zip: a checkpoint
+        return sniff.kind_of(path) == sniff.TORCHSCRIPT
+    except OSError:
+        return False
 
 
 def is_checkpoint(path) -> bool:
@@ -55,42 +63,56 @@ def is_checkpoint(path) -> bool:
 
 
 class EagerRunner:
-    """The eager original from a checkpoint, with the artifact runners' call."""
+    """The eager original from a checkpoint, with the artifact runners' call and their
+    episode checks (``contract.check_episode``) at ``image_size``, so that the same data
+    gets the same answer, or the same refusal, from a checkpoint as from an artifact."""
 
     backend = "eager"
     info = None
 
-    def __init__(self, path, device: str = "cpu"):
+    def __init__(self, path, device: str = "cpu", image_size: int = DEFAULT_IMAGE_SIZE):
         check_device(device)
         self.device = torch.device(device)
+        self.image_size = image_size
         self.model = load_checkpoint(path).to(self.device)
 
     @torch.inference_mode()
     def __call__(self, support, support_labels, query):
+        support, support_labels, query = (torch.as_tensor(t) for t in (support, support_labels, query))
+        check_episode(support, support_labels, query, image_size=self.image_size)
         # PyTorch 1.4, which test.py ran on, had no TF32: keep a GPU's convolutions IEEE fp32
         args = [t.to(self.device) for t in (support, support_labels, query)]
         with ExactFloat32() if self.device.type == "cuda" else contextlib.nullcontext():
             return self.model(*args)
 
 
-def open_model(path, *, provider: str = "cpu", device: str = "cpu", threads: int | None = None):
+def open_model(path, *, provider: str = "cpu", device: str = "cpu", threads: int | None = None,
+               image_size: int = DEFAULT_IMAGE_SIZE):
     """The runner for ``path``, ``runner(support, support_labels, query) -> scores [Q, way]``:
-    a checkpoint runs eagerly, anything else is an artifact (a split export: its encoder).
-    ``threads``: torch's intra-op threads (eager, TorchScript) and onnxruntime's."""
+    a checkpoint runs eagerly (at ``image_size``), anything else is an artifact (a split
+    export: its encoder; at the size it was exported for). ``threads``: torch's intra-op
+    threads (eager, TorchScript) and onnxruntime's."""
     path = Path(path)
     if not path.exists():  # a Triton repository is a folder; the registry says what else is wrong
         raise DMFExportError(f"{path}: no such file")
     if threads:
         torch.set_num_threads(threads)
     if is_checkpoint(path):
-        return EagerRunner(path, device)
+        return EagerRunner(path, device, image_size)
     return open_artifact(path, provider=provider, device=device, threads=threads)
 
 
 def _check_image_size(path, runner, images: torch.Tensor) -> None:
     info = getattr(runner, "info", None)
-    size = getattr(info, "image_size", None)
     height, width = images.shape[-2:]
+    if isinstance(runner, EagerRunner):
+        size = runner.image_size
+        if (height, width) != (size, size):
+            raise DMFExportError(f"{path} (a checkpoint) runs at {size}×{size} images here; these "
+                                 f"are {width}×{height} (give --image-size {height} to run it at "
+                                 "their size, or preprocess differently)")
+        return
+    size = getattr(info, "image_size", None)
     if size is not None and (height, width) != (size, size):
         raise DMFExportError(f"{path} takes {size}×{size} images; these are {width}×{height} "
                              f"(export it with --image-size {height}, or preprocess differently)")
@@ -111,13 +133,63 @@ def _scores(path, runner, support, support_labels, query, where: str) -> torch.T
     return scores
 
 
+def describe(path) -> dict:
+    """What a checkpoint or an artifact is, as a JSON-serialisable dict (``inspect``):
+    a checkpoint's layout and configuration, or an artifact's format, graph, precision,
+    sizes and the metadata its export wrote. Nothing in the file runs (checkpoints are
+    read with torch's restricted unpickler; an artifact's metadata is read, not run,
+    except TorchScript's, which torch.jit loads without Python pickles)."""
+    path = Path(path)
+    if not path.exists():
+        raise DMFExportError(f"{path}: no such file")
+    if path.is_file():
+        try:
+            kind = sniff.kind_of(path)
+        except OSError as err:
+            raise DMFExportError(f"{path}: cannot read it ({summarize(err)})") from err
+        # an artifact by its content, or by its name where the content says nothing
+        # else; anything else is read as a checkpoint, which says what it is if it is not
+        if kind in (sniff.PICKLE, sniff.TORCH_ZIP) or (kind not in sniff.ARTIFACT_KINDS and (
+                is_checkpoint(path) or not _named_as_artifact(path))):
+            return {"kind": "checkpoint", **inspect_checkpoint(path)}
+    info = read_info(path)
+    report = {"kind": "artifact", "path": str(path), **dataclasses.asdict(info)}
+    report["size_bytes"] = (path.stat().st_size if path.is_file() else
+                            sum(f.stat().st_size for f in path.rglob("*") if f.is_file()))
+    if info.format == "onnx":
+        report.update(_onnx_graph(path))
+    return {key: value for key, value in report.items() if value is not None}
+
+
+def _named_as_artifact(path: Path) -> bool:
+    try:
+        for_path(path)
+    except DMFExportError:
+        return False
+    return True
+
+
+def _onnx_graph(path: Path) -> dict:
+    import onnx  # heavy (protobuf schemas): only describing an .onnx needs it
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {"opset": {entry.domain or "ai.onnx": entry.version for entry in model.opset_import},
+            "ir_version": model.ir_version, "producer": f"{model.producer_name} {model.producer_version}".strip(),
+            "inputs": {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+                       for i in model.graph.input},
+            "outputs": {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
+                        for o in model.graph.output},
+            "nodes": len(model.graph.node)}
+
+
 # -- evaluate --------------------------------------------------------------------------
 
-def _margins(scores: torch.Tensor, labels: torch.Tensor) -> list[float]:
-    """Per query: the best other class's score − the true class's (−inf for 1-way)."""
+def _margins(scores: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """Per query: the best other class's score − the true class's (−inf for 1-way);
+    float32, kept for every episode (a list of Python floats would take 4× the memory)."""
     true = scores.gather(1, labels[:, None]).squeeze(1)
     others = scores.scatter(1, labels[:, None], float("-inf")).max(1).values
-    return (others - true).tolist()
+    return (others - true).numpy().astype(np.float32)
 
 
 def original_figures(correct: Sequence[int], queries: int) -> tuple[float, float]:
@@ -146,7 +218,7 @@ class ModelResult:
     predictions: list[list[int]] = dataclasses.field(default_factory=list)  # per episode, per query
     seconds: float = 0.0           # in the model's calls
     # per episode, per query: the best other class's score − the true class's (> 0: wrong)
-    margins: list[list[float]] = dataclasses.field(default_factory=list)
+    margins: list[np.ndarray] = dataclasses.field(default_factory=list)
 
     @property
     def accuracy(self) -> float:
@@ -261,7 +333,7 @@ class Evaluation:
             for q, (_, label) in enumerate(episode.query):
                 margins = [r.margins[e][q] for r in self.models]
                 wrong = sum(r.predictions[e][q] != label for r in self.models)
-                worst = max((m for m in margins if math.isfinite(m)), default=-math.inf)
+                worst = max((float(m) for m in margins if math.isfinite(m)), default=-math.inf)
                 ranked.append((wrong, worst, -e, -q))
         out = []
         for _, _, minus_episode, minus_query in sorted(ranked, reverse=True)[:count]:
@@ -271,7 +343,7 @@ class Evaluation:
             out.append({
                 "episode": e, "query": q, "class": classes[label], **self._image(image),
                 "predicted": {r.path: classes[r.predictions[e][q]] for r in self.models},
-                "margin": {r.path: r.margins[e][q] if math.isfinite(r.margins[e][q]) else None
+                "margin": {r.path: float(r.margins[e][q]) if math.isfinite(r.margins[e][q]) else None
                            for r in self.models},
                 "support": [{"class": classes[k], **self._image(i)} for i, k in episode.support]})
         return out
@@ -285,46 +357,97 @@ class Evaluation:
         return split.pixels(list(indices), preprocessing)
 
 
-def _progress(total: int, enabled: bool | None):
-    # enabled=None: a bar only when stderr is a terminal
-    return tqdm(total=total, unit="episode", dynamic_ncols=True, file=sys.stderr,
-                disable=(not sys.stderr.isatty()) if enabled is None else not enabled)
+class _Progress:
+    """A tqdm bar when stderr is a terminal; off a terminal, a line every
+    ``PROGRESS_SECONDS`` (done, rate, ETA), so a long run in a log is never silent.
+    ``enabled`` False: neither."""
+
+    def __init__(self, total: int, enabled: bool | None):
+        self.total, self.done = total, 0
+        terminal = sys.stderr.isatty()
+        self.bar = tqdm(total=total, unit="episode", dynamic_ncols=True, file=sys.stderr,
+                        disable=not terminal or enabled is False)
+        self.lines = enabled is not False and not terminal
+        self.started = self.last = time.perf_counter()
+
+    def update(self, accuracy: float) -> None:
+        self.done += 1
+        self.bar.set_postfix_str(f"accuracy {accuracy:.2%}", refresh=False)
+        self.bar.update()
+        now = time.perf_counter()
+        if self.lines and now - self.last >= PROGRESS_SECONDS and self.done < self.total:
+            self.last = now
+            rate = self.done / (now - self.started)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            print(f"episode {self.done}/{self.total} ({self.done / self.total:.1%}), "
+                  f"{rate:.2f} episodes/s, ETA {_duration(eta)}, accuracy {accuracy:.2%}",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "unknown"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    if seconds < 86400 * 2:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    return f"{seconds / 86400:.0f} days"
 
 
 def evaluate(paths: Sequence, data_root, *, split: str = "test", layout: str | None = None,
              episodes: int = 2000, way: int = 5, shot: int = 1, queries_per_class: int = 15,
              seed: int = ORIGINAL_SEED, cifar: bool = False, all_images: bool = False,
              provider: str = "cpu", device: str = "cpu", threads: int | None = None,
-             workers: int = 2, progress: bool | None = None,
+             workers: int = 2, progress: bool | None = None, image_size: int | None = None,
              log: Callable[[str], None] = lambda _: None) -> Evaluation:
     """Every model in ``paths`` on the same ``episodes`` of ``split``, as test.py runs them
-    (each episode is decoded once and given to every model in turn)."""
+    (each episode is decoded once and given to every model in turn). Episodes are drawn
+    as they are consumed, a fixed number ahead (``data.PREFETCH_EPISODES``), so memory
+    does not grow with ``episodes`` or ``workers`` (beyond the per-episode figures kept
+    for the report). ``image_size``: what a checkpoint runs at (default 84, or 32 with
+    ``cifar``); artifacts run at their own and refuse any other, as a checkpoint does."""
     if not paths:
         raise DMFExportError("give at least one checkpoint or artifact")
     if episodes < 1:
         raise DMFExportError(f"--episodes must be ≥ 1 (got {episodes})")
     start = time.perf_counter()
     data = open_split(data_root, split, layout, all_images)
-    drawn = sample_episodes(data, episodes, way, shot, queries_per_class, seed)
+    drawn = draw_episodes(data, episodes, way, shot, queries_per_class, seed)
     log(f"{data.where}: {len(data.class_ids)} classes, {len(data)} images ({data.layout}); "
         f"{episodes} episodes of {way}-way {shot}-shot, {queries_per_class} queries per class, "
         f"seed {seed}")
-    runners = [open_model(p, provider=provider, device=device, threads=threads) for p in paths]
+    warning = describe_skipped(data.skipped)
+    if warning:
+        log(f"Warning: {data.where}: {warning}")
+    size = checkpoint_image_size(image_size, cifar)
+    runners = [open_model(p, provider=provider, device=device, threads=threads, image_size=size)
+               for p in paths]
     preprocessing = preprocessing_for(cifar)
     results = [ModelResult(str(p), getattr(r, "backend", "?"), way * queries_per_class)
                for p, r in zip(paths, runners)]
     evaluation = Evaluation(str(data_root), split, data.layout, episodes, way, shot,
                             queries_per_class, seed, "cifar-fs" if cifar else "imagenet", results,
-                            [[data.class_names.get(c, str(c)) for c in e.classes] for e in drawn])
-    evaluation.draws, evaluation.source = drawn, (data, preprocessing)
+                            [])
+    evaluation.source = (data, preprocessing)
     evaluation.setup_seconds = time.perf_counter() - start
     stream = iterate_episodes(data, drawn, preprocessing, workers)
-    with contextlib.closing(stream), _progress(episodes, progress) as bar:
+    bar = _Progress(episodes, progress)
+    right = 0
+    with contextlib.closing(stream), contextlib.closing(bar):
         for index in range(episodes):
             waited = time.perf_counter()
             tensors = next(stream)
             evaluation.data_wait_seconds += time.perf_counter() - waited
             evaluation.data_seconds += tensors.load_seconds
+            evaluation.episode_classes.append(
+                [data.class_names.get(c, str(c)) for c in tensors.episode.classes])
+            evaluation.draws.append(tensors.episode)
             for path, runner, result in zip(paths, runners, results):
                 if index == 0:
                     _check_image_size(path, runner, tensors.query)
@@ -336,10 +459,16 @@ def evaluate(paths: Sequence, data_root, *, split: str = "test", layout: str | N
                 result.predictions.append(predicted.tolist())
                 result.correct.append(int((predicted == tensors.query_labels).sum()))
                 result.margins.append(_margins(scores, tensors.query_labels))
-            bar.set_postfix_str(f"accuracy {results[0].accuracy:.2%}", refresh=False)
-            bar.update()
+            right += results[0].correct[-1]  # a running sum: the figures' own are O(episodes)
+            bar.update(right / ((index + 1) * results[0].queries))
     evaluation.wall_seconds = time.perf_counter() - start
     return evaluation
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped as Python writes them (``\\n``,
+    ``\\x1b``): a file or class name never moves the cursor or recolours a terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 # -- predict ---------------------------------------------------------------------------
@@ -373,13 +502,23 @@ class Prediction:
 
 
 def predict(path, support_dir, queries: Sequence, *, cifar: bool = False, provider: str = "cpu",
-            device: str = "cpu", threads: int | None = None, workers: int = 2) -> Prediction:
+            device: str = "cpu", threads: int | None = None, workers: int = 2,
+            image_size: int | None = None, log: Callable[[str], None] = lambda _: None) -> Prediction:
     """Scores of each query image against the classes of ``support_dir`` (any number of
-    images per class: a prototype is its class's mean feature)."""
-    classes = support_folders(support_dir)
-    query_paths = query_files(queries)
+    images per class: a prototype is its class's mean feature). ``image_size``: as
+    ``evaluate``'s. ``log`` gets the warnings (entries skipped, a one-class support)."""
+    skipped: list = []
+    classes = support_folders(support_dir, skipped)
+    query_paths = query_files(queries, skipped)
+    warning = describe_skipped(skipped)
+    if warning:
+        log(f"Warning: {warning}")
+    if len(classes) == 1:
+        log(f"Warning: {support_dir} has one class ({classes[0][0]}): every query gets it; "
+            "give two or more class folders for an answer that means something")
     preprocessing = preprocessing_for(cifar)
-    runner = open_model(path, provider=provider, device=device, threads=threads)
+    runner = open_model(path, provider=provider, device=device, threads=threads,
+                        image_size=checkpoint_image_size(image_size, cifar))
     support_paths = [image for _, images in classes for image in images]
     support = read_images(support_paths, preprocessing, workers)
     _check_image_size(path, runner, support)

@@ -7,8 +7,9 @@ readers, two lists of admitted globals, both here:
 
 - dataset pickles (``data.load_pickle``) go through ``RestrictedUnpickler`` with
   ``ARRAY_GLOBALS``: numpy arrays, dtypes and scalars of any dtype (an object array's
-  items are themselves unpickled under this list), and ``_codecs.encode`` for latin-1
-  only (how protocol-2 pickles written by Python 3 spell bytes);
+  items are themselves unpickled under this list), ``_codecs.encode`` for latin-1
+  only and ``bytes()`` with no argument (how protocol-2 pickles written by Python 3
+  spell bytes, and empty bytes);
 - checkpoints go through ``torch.load(weights_only=True)``, torch's own restricted
   unpickler (it knows torch's tensor reconstruction), with ``NUMBER_GLOBALS`` admitted
   beyond torch's own: numpy scalars of a plain number's dtype (bool, integers, floats),
@@ -42,9 +43,18 @@ def _latin1_encode(text, encoding="latin1"):
     return text.encode("latin1")
 
 
+def _empty_bytes(*args):
+    # protocol-2 pickles written by Python 3 spell b"" as bytes() (an empty array's
+    # data); bytes(n) would allocate n bytes, so nothing but the empty call is admitted
+    if args:
+        raise pickle.UnpicklingError("refusing bytes() with arguments")
+    return b""
+
+
 ARRAY_GLOBALS: dict[tuple[str, str], object] = {
     ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): _latin1_encode,
+    ("__builtin__", "bytes"): _empty_bytes, ("builtins", "bytes"): _empty_bytes,
     **{key: value for core in NUMPY_CORES for key, value in (
         ((f"{core}.multiarray", "_reconstruct"), _reconstruct),
         ((f"{core}.multiarray", "scalar"), _scalar),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import builtins
+import gzip
 import importlib
 import io
 import json
@@ -404,9 +405,11 @@ def test_truncated_file_is_one_clear_error(legacy, dmf_state_dict, tmp_path):
 
 @pytest.mark.parametrize("content,message", [
     (b"", "empty"),
-    (b"epoch 90, acc 0.64\nnot a checkpoint\n", "not a PyTorch checkpoint"),
+    (b"epoch 90, acc 0.64\nnot a checkpoint\n", "is a text file, not a PyTorch checkpoint"),
     (pickle.dumps({"state_dict": {}}, protocol=2), "not a PyTorch checkpoint"),
-], ids=["empty", "text", "plain-pickle"])
+    (gzip.compress(b"\x80\x02}q\x00."), "is a gzip file, not a PyTorch checkpoint"),
+    (b"PK\x05\x06" + bytes(18), "is a zip archive, not a PyTorch checkpoint"),
+], ids=["empty", "text", "plain-pickle", "gzip", "other-zip"])
 def test_files_that_are_not_checkpoints(content, message, tmp_path):
     path = tmp_path / "weights.pth"
     path.write_bytes(content)

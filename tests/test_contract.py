@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dmf_export.contract import (
-    HEAD_INPUTS, check_episode, check_images, dynamic_axes, feature_size, tensor_dims,
+    HEAD_INPUTS, EpisodeSize, check_episode, check_images, dynamic_axes, episode_shapes, feature_size,
+    tensor_dims,
 )
 from dmf_export.errors import DMFExportError
 
@@ -233,3 +234,9 @@ def test_dynamic_axes_share_names_across_a_graphs_inputs():
     assert dynamic_axes("encoder") == {"images": {0: "N"}}
     assert dynamic_axes("head") == {"support_features": {0: "S"}, "support_labels": {0: "S", 1: "way"},
                                     "query_features": {0: "Q"}}
+
+
+def test_episode_shapes_follow_the_episode_size():
+    # 3-way 2-shot: S = 6 support images; 4 queries
+    assert episode_shapes(EpisodeSize(3, 2, 4), 32) == {
+        "support": (6, 3, 32, 32), "support_labels": (6, 3), "query": (4, 3, 32, 32)}

@@ -8,6 +8,7 @@ accuracy is near chance; what matters is that every path gives the same answers)
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 
@@ -16,10 +17,15 @@ import pytest
 import torch
 from PIL import Image
 
+import click
+from click.testing import CliRunner
+
 import dmf_export
 from cli_helpers import one_error_line, run_cli
 from conftest import EXPORT_IMAGE
 from dmf_export.synthetic import write_random_checkpoint
+from dmf_export import evaluate as evaluate_module
+from dmf_export.cli import main as cli
 from dmf_export.evaluate import open_model
 from fewshot_data import (PICKLE_NAMES, draw, original_episodes, original_figures, original_file_transform,
                           original_folder_index, original_pickle_index, original_transform,
@@ -65,7 +71,7 @@ def _json(*args):
 def three_models(models, pickle_root):
     """One evaluation of eager, ONNX and TorchScript on the same pickled episodes."""
     return _json(models["eager"], models["onnx"], models["torchscript"], "--data", pickle_root,
-                 "--episodes", EPISODES, "--queries-per-class", QUERIES)
+                 "--episodes", EPISODES, "--queries-per-class", QUERIES, "--image-size", SMALL)
 
 
 def _reference_correct(model, episodes, image_of):
@@ -263,3 +269,172 @@ def test_predict_missing_query(models, support_and_queries):
     support_dir, queries = support_and_queries
     line = _error("predict", models["onnx"], queries[1].parent / "absent.jpg", "--support", support_dir)
     assert "absent.jpg: no such file or folder" in line
+
+
+# -- one size policy for every format ---------------------------------------------------
+
+def test_a_checkpoint_refuses_images_not_of_its_size_as_an_artifact_does(models, pickle_root):
+    # the same 32×32 pickle: the artifact exported at 32 runs it; the checkpoint runs at
+    # 84 unless told, and refuses it as the 32×32 artifact refuses 84×84 folders
+    line = _error("evaluate", models["eager"], "--data", pickle_root, "--episodes", 1)
+    assert "(a checkpoint) runs at 84×84 images here; these are 32×32" in line
+    assert "--image-size 32" in line
+
+
+@pytest.mark.parametrize("size", [1, 8])
+def test_tiny_images_are_refused_by_the_checkpoint_and_the_artifact_alike(models, tmp_path, size):
+    root = write_pickle(tmp_path, classes=6, images=2, size=size)  # 5·c mod 6: six labels
+    for model in (models["eager"], models["onnx"]):
+        line = _error("evaluate", model, "--data", root, "--episodes", 1, "--queries-per-class", 1)
+        assert f"these are {size}×{size}" in line
+
+
+def test_a_checkpoint_given_an_image_size_gives_the_artifacts_answer(models, pickle_root):
+    eager = _json(models["eager"], "--data", pickle_root, "--episodes", 1, "--queries-per-class", 1,
+                  "--image-size", SMALL)
+    onnx = _json(models["onnx"], "--data", pickle_root, "--episodes", 1, "--queries-per-class", 1)
+    assert eager["per_episode"][0]["correct"][str(models["eager"])] == \
+        onnx["per_episode"][0]["correct"][str(models["onnx"])]
+
+
+# -- data in the wild, through the command line ---------------------------------------------
+
+def _pickle_root(tmp_path, labels=None, **extra):
+    root = write_pickle(tmp_path, classes=6, images=2, size=SMALL)  # 5·c mod 6: six labels
+    path = root / PICKLE_NAMES["test"]
+    content = pickle.load(open(path, "rb"))
+    if labels is not None:
+        content["labels"] = labels(content["labels"])
+    content.update(extra)
+    path.write_bytes(pickle.dumps(content, protocol=2))
+    return root
+
+
+def test_evaluate_reads_labels_stored_as_a_column(models, tmp_path):
+    column = _pickle_root(tmp_path / "column", lambda labels: np.asarray(labels)[:, None])
+    flat = _pickle_root(tmp_path / "flat")
+    args = ("--episodes", 2, "--queries-per-class", 1)
+    assert _json(models["onnx"], "--data", column, *args)["per_episode"] == \
+        _json(models["onnx"], "--data", flat, *args)["per_episode"]
+
+
+def test_evaluate_class_names_that_are_not_labels(models, tmp_path):
+    root = _pickle_root(tmp_path, catname2label={"n01": [64]})
+    assert "'catname2label' must map class names" in _error("evaluate", models["onnx"], "--data", root)
+
+
+def test_evaluate_a_gzipped_pickle(models, tmp_path):
+    import gzip
+    root = write_pickle(tmp_path, classes=5, images=2, size=SMALL)
+    path = root / PICKLE_NAMES["test"]
+    path.write_bytes(gzip.compress(path.read_bytes()))
+    line = _error("evaluate", models["onnx"], "--data", root)
+    assert f"{PICKLE_NAMES['test']} is a gzip file, not a pickle" in line
+
+
+def test_evaluate_a_pickle_of_no_images(models, tmp_path):
+    (tmp_path / PICKLE_NAMES["test"]).write_bytes(pickle.dumps(
+        {"data": np.zeros((0, SMALL, SMALL, 3), np.uint8), "labels": []}, protocol=2))
+    assert "holds no images" in _error("evaluate", models["onnx"], "--data", tmp_path)
+
+
+def test_evaluate_skips_symlink_loops_with_one_counted_warning(models, tmp_path):
+    root = write_folders(tmp_path, classes=5, images=2, size=SMALL)
+    classes = sorted((root / "test").iterdir())
+    os.symlink("loop.jpg", classes[0] / "loop.jpg")
+    os.symlink("loop", root / "test" / "loop")
+    code, output = run_cli("evaluate", models["onnx"], "--data", root, "--episodes", 1,
+                           "--queries-per-class", 1, "--cifar", "--threads", 2)
+    assert code == 0, output
+    warnings = [line for line in output.splitlines() if line.startswith("Warning")]
+    assert len(warnings) == 1 and "skipped 2 entries that cannot be read (a symlink loop)" in warnings[0]
+    assert "Accuracy:" in output
+
+
+def test_predict_skips_symlink_loops_in_the_support(models, support_and_queries):
+    support_dir, queries = support_and_queries
+    os.symlink("loop.png", support_dir / "circle_red" / "loop.png")
+    os.symlink("loop", support_dir / "loop")
+    result = CliRunner().invoke(cli, [str(a) for a in ("predict", models["onnx"], *queries, "--support",
+                                                       support_dir, "--cifar", "--json")])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["predictions"]) == 4
+    assert "Warning: skipped 2 entries that cannot be read (a symlink loop)" in result.stderr
+
+
+def test_predict_warns_on_a_one_class_support(models, tmp_path):
+    (tmp_path / "support" / "only").mkdir(parents=True)
+    draw(0, 0, SMALL).save(tmp_path / "support" / "only" / "a.png")
+    draw(1, 0, SMALL).save(tmp_path / "q.png")
+    result = CliRunner().invoke(cli, ["predict", str(models["onnx"]), str(tmp_path / "q.png"),
+                                      "--support", str(tmp_path / "support"), "--cifar"])
+    assert result.exit_code == 0, result.output
+    assert "has one class (only): every query gets it" in result.stderr
+
+
+def test_predict_table_escapes_control_characters_in_names(models, tmp_path):
+    for name in ("red\x1b[31m", "two\nlines"):
+        (tmp_path / "support" / name).mkdir(parents=True)
+        draw(len(name), 0, SMALL).save(tmp_path / "support" / name / "a.png")
+    draw(0, 1, SMALL).save(tmp_path / "q.png")
+    result = CliRunner().invoke(cli, ["predict", str(models["onnx"]), str(tmp_path / "q.png"),
+                                      "--support", str(tmp_path / "support"), "--cifar"])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout and len(result.stdout.splitlines()) == 2
+    assert "score_red\\x1b[31m" in result.stdout and "score_two\\nlines" in result.stdout
+
+
+# -- what a file is -------------------------------------------------------------------------
+
+def test_inspect_describes_an_onnx_artifact(models):
+    result = CliRunner().invoke(cli, ["inspect", str(models["onnx"]), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert (info["kind"], info["format"], info["graph"], info["image_size"]) == ("artifact", "onnx", "episode", SMALL)
+    assert info["precision"] == "fp32" and info["opset"]["ai.onnx"] >= 17
+    assert set(info["inputs"]) == {"support", "support_labels", "query"}
+
+
+def test_inspect_describes_a_torchscript_artifact_without_a_warning(models):
+    result = CliRunner().invoke(cli, ["inspect", str(models["torchscript"])])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()}
+    assert lines["format"] == ["torchscript"] and lines["image_size"] == [str(SMALL)]
+    assert "Warning" not in result.stderr and "site-packages" not in result.output
+
+
+def test_a_torchscript_file_named_onnx_says_what_it_is(models, tmp_path):
+    shutil.copy(models["torchscript"], tmp_path / "renamed.onnx")
+    line = _error("inspect", tmp_path / "renamed.onnx")
+    assert "renamed.onnx is a TorchScript archive, not an ONNX artifact" in line
+
+
+@pytest.mark.parametrize("command", ["export", "verify"])
+def test_an_artifact_given_as_the_checkpoint_says_which_commands_read_it(models, tmp_path, command):
+    args = (["export", models["onnx"], "-f", "onnx", "-o", tmp_path / "x.onnx"] if command == "export"
+            else ["verify", models["onnx"], "--checkpoint", models["onnx"]])
+    line = _error(*args)
+    assert "is an ONNX model (an exported artifact), not a checkpoint" in line
+    assert "`dmf-export inspect`, `evaluate`, `verify`" in line
+
+
+# -- help and progress ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["evaluate", "predict", "inspect"])
+def test_every_option_has_help(command):
+    undocumented = [p.name for p in cli.commands[command].params
+                    if isinstance(p, click.Option) and not p.help]
+    assert undocumented == []
+
+
+def test_workers_help_states_the_memory_cost():
+    text = CliRunner().invoke(cli, ["evaluate", "--help"]).output
+    assert "Memory does not grow with it" in " ".join(text.split())
+
+
+def test_progress_lines_off_a_terminal(models, pickle_root, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate_module, "PROGRESS_SECONDS", 0.0)  # a line every episode
+    evaluate_module.evaluate([models["onnx"]], pickle_root, episodes=3, queries_per_class=1, threads=2)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("episode")]
+    assert [line.split(",")[0] for line in lines] == ["episode 1/3 (33.3%)", "episode 2/3 (66.7%)"]
+    assert all("episodes/s, ETA" in line for line in lines)

@@ -262,7 +262,7 @@ def test_export_refuses_an_existing_repository_and_leaves_it(repo, checkpoint):
 
 
 @pytest.mark.parametrize("what, needle", [("empty folder", "is not a Triton model repository"),
-                                          ("not an artifact", "cannot read it as a ONNX artifact")])
+                                          ("not an artifact", "notes.onnx is a text file, not an ONNX artifact")])
 def test_serve_refuses_what_it_cannot_serve_in_one_line(tmp_path, what, needle):
     target = tmp_path / "empty"
     target.mkdir()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dmf_export import sniff
 from dmf_export.contract import ArtifactInfo
 from dmf_export.errors import DMFExportError, summarize
 from dmf_export.formats import aoti, onnx, tensorrt, torchscript, triton
@@ -44,6 +45,21 @@ def for_path(path: Path) -> Format:
                          f"(expected {', '.join(known)}, or a Triton model repository folder)")
 
 
+# what the first bytes of each format's file may look like (sniff.kind_of); a file
+# sniffed as anything else is named as what it is
+_KINDS_OF = {"torchscript": (sniff.TORCHSCRIPT, sniff.TORCH_ZIP), "aoti": (sniff.AOTI,),
+             "onnx": (sniff.ONNX,), "tensorrt": ()}
+
+
+def _content_kind(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    try:
+        return sniff.kind_of(path)
+    except OSError:
+        return None
+
+
 def read_info(path) -> ArtifactInfo:
     """What an artifact says about itself, or one line saying why it cannot be read."""
     path = Path(path)
@@ -56,8 +72,13 @@ def read_info(path) -> ArtifactInfo:
         info = fmt.read_info(path)
     except DMFExportError:
         raise
-    except Exception as err:  # truncated, foreign or damaged: the library's words, shortened
-        raise DMFExportError(f"{path}: cannot read it as a {fmt.title} artifact ({summarize(err)})") from err
+    except Exception as err:  # truncated, foreign or damaged: say what it is, else the library's words
+        kind = _content_kind(path)
+        if kind is not None and kind not in _KINDS_OF.get(fmt.name, ()):
+            raise DMFExportError(f"{path} is {kind}, not {sniff.article(fmt.title)} artifact "
+                                 f"(its name says {fmt.name})") from err
+        raise DMFExportError(f"{path}: cannot read it as {sniff.article(fmt.title)} artifact "
+                             f"({summarize(err)})") from err
     if info.format != fmt.name:
         raise DMFExportError(f"{path}: says it is a {info.format!r} artifact, but its name says {fmt.name}")
     return info
@@ -85,4 +106,4 @@ def open_artifact(path, provider: str = "cpu", device: str = "cpu", threads: int
     except DMFExportError:
         raise
     except Exception as err:
-        raise DMFExportError(f"{path}: cannot load it as a {fmt.title} artifact ({summarize(err)})") from err
+        raise DMFExportError(f"{path}: cannot load it as {sniff.article(fmt.title)} artifact ({summarize(err)})") from err

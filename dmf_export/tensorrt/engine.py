@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from dmf_export import toolchain
-from dmf_export.contract import EPISODE_INPUTS, ArtifactInfo, EpisodeSize
+from dmf_export.contract import EPISODE_INPUTS, ArtifactInfo, EpisodeSize, episode_shapes
 from dmf_export.errors import DMFExportError
 from dmf_export.staging import Staging
 from dmf_export.tensorrt.plugin import (build_plugin,
@@ -74,12 +74,8 @@ class Profile:
 
     def shapes(self, image_size: int) -> dict[str, tuple[tuple[int, ...], ...]]:
         """{input: (min, opt, max) shapes}."""
-        def shape(name, size: EpisodeSize):
-            return {"support": (size.support, 3, image_size, image_size),
-                    "support_labels": (size.support, size.way),
-                    "query": (size.queries, 3, image_size, image_size)}[name]
-
-        return {name: tuple(shape(name, s) for s in (self.min, self.opt, self.max)) for name in EPISODE_INPUTS}
+        shapes = [episode_shapes(size, image_size) for size in (self.min, self.opt, self.max)]
+        return {name: tuple(s[name] for s in shapes) for name in EPISODE_INPUTS}
 
 
 def engine_profile(opts) -> Profile:

@@ -13,17 +13,13 @@ from typing import Callable
 
 import torch
 
-from dmf_export.contract import EPISODE_INPUTS, EPISODE_OUTPUTS
+from dmf_export.contract import AXIS_WORDS, EPISODE_INPUTS, EPISODE_OUTPUTS, TENSORS
 from dmf_export.errors import DMFExportError
 from dmf_export.formats.base import Runner
 from dmf_export.tensorrt.engine import make_logger, read_engine_info, read_engine_meta, require_tensorrt
 from dmf_export.tensorrt.plugin import PLUGIN_ENV, load_plugin_library
 
 ALIGNMENT = 256  # bytes: TensorRT requires every tensor address to be a multiple of it
-# What the axes a profile bounds are called in errors: (input, axis) → words. The others
-# (channels, image size, labels' rows) are the episode check's before the engine is reached.
-_AXES = {("support", 0): "images (S = way·shot)", ("support_labels", 1): "classes (way)",
-         ("query", 0): "queries (Q)"}
 
 
 def require_gpu(what: str) -> None:
@@ -80,7 +76,7 @@ class EngineRunner(Runner):
             if not lo <= size <= hi:
                 allowed = f"exactly {lo}" if lo == hi else \
                     f"{lo}..{hi} (rebuild the engine with larger --max-way/--max-shot/--max-queries)"
-                raise DMFExportError(f"{name} has {size} {_AXES.get((name, axis), 'elements')} on axis {axis}; "
+                raise DMFExportError(f"{name} has {size} {AXIS_WORDS.get(TENSORS['episode'][name][axis], 'elements')} on axis {axis}; "
                                      f"this engine's profile allows {allowed}")
 
     def _execute(self, support, support_labels, query):
