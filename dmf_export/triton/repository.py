@@ -94,6 +94,11 @@ PYTHON_PARAMETERS: dict[str, object] = _shipped_constant("PARAMETERS")
 # 20-shot, 300 queries is beyond the test protocol (5-way, 1/5-shot, 75 queries)
 DEFAULT_BOUNDS = {"way": 20, "shot": 20, "queries": 300}
 
+# instances of each model and intra-op threads of each instance when export is not told:
+# MEASURED BELOW (placeholder)
+DEFAULT_INSTANCES = 1
+DEFAULT_THREADS: int | None = None
+
 _TRITON_TYPE = {"fp32": "TYPE_FP32", "fp16": "TYPE_FP16"}
 
 
@@ -155,8 +160,8 @@ def _check_artifact(path: Path, info: ArtifactInfo) -> None:
         raise DMFExportError(f"{path}: unknown graph {info.graph!r}")
 
 
-def write_repository(repo: Path, artifacts, *, force: bool = False, instances: int = 1,
-                     threads: int | None = None, bounds: dict[str, int] | None = None,
+def write_repository(repo: Path, artifacts, *, force: bool = False,
+                     instances: int = DEFAULT_INSTANCES, threads: int | None = DEFAULT_THREADS, bounds: dict[str, int] | None = None,
                      staging: Staging | None = None) -> dict[str, Path]:
     """Write a Triton model repository at ``repo`` from dmf-export artifacts ({path: its
     ``ArtifactInfo``}, as ``formats.read_info`` reads it: format and graph, episode,
