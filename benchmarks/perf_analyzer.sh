@@ -126,7 +126,9 @@ server_counters() {  # user+system seconds of the server's process group (server
   echo "$cpu $answered"
 }
 
-"$PYTHON" - "$SCRATCH/repo/dmf_python/1/model.onnx" "$SCRATCH/input.json" "${THREADS:-0}" \
+# in-process with the threads the served instance has (0: onnxruntime's default)
+SERVED_THREADS=$(sed -n '/"intra_op_threads"/{n;s/.*string_value: "\([0-9]*\)".*/\1/p}' "$SCRATCH/repo/dmf_python/config.pbtxt")
+"$PYTHON" - "$SCRATCH/repo/dmf_python/1/model.onnx" "$SCRATCH/input.json" "${SERVED_THREADS:-0}" \
   >"$SCRATCH/inprocess.csv" <<'EOF'
 import base64, json, sys, time
 import numpy as np, onnxruntime as ort
@@ -185,7 +187,9 @@ for protocol in protocols:
     for c in levels:
         path = scratch / f"{protocol}-{c}.csv"
         if not path.exists():
-            print(f"{'triton ' + protocol:<22}{c:>5}  (no result)"); continue
+            log = [line for line in (scratch / f"{protocol}-{c}.log").read_text().splitlines() if line.strip()]
+            print(f"{'triton ' + protocol:<22}{c:>5}  (no result: {log[-2] if len(log) > 1 else 'no output'})")
+            continue
         r = row(path)
         rate = float(r["Inferences/Second"])
         first = first or rate

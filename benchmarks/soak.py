@@ -1,7 +1,7 @@
 """A bounded soak of a served repository: mixed good and bad requests from several clients,
 then a killed python-backend stub and a SIGSTOP/SIGCONT of the server.
 
-    python benchmarks/soak.py [--clients 4] [--requests 60] [--image-size 32]
+    python benchmarks/soak.py [--clients 4] [--requests 1000] [--image-size 32]
         [--instances N] [--threads T] [--server-env ENV] [--seed 0] [--json]
 
 A fresh ``export -f triton`` repository (the seeded default checkpoint, groups 64,
@@ -83,7 +83,7 @@ class Sampler(threading.Thread):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--requests", type=int, default=60, help="requests per client in phase 1")
+    parser.add_argument("--requests", type=int, default=1000, help="requests per client in phase 1")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--instances", type=int)
     parser.add_argument("--threads", type=int)
@@ -251,6 +251,9 @@ def main() -> int:
     }
     after = [s for t, s in samples if t <= phase1]
     report["rss_mb"]["after_phase1"] = round(after[-1], 1) if after else None
+    # growth without bound would show as a rise from the first quarter of phase 1 to its end
+    quarter = [s for t, s in samples if t <= phase1 / 4]
+    report["rss_mb"]["phase1_first_quarter"] = round(quarter[-1], 1) if quarter else None
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -95,8 +95,9 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def repo(checkpoint, tmp_path_factory):
     path = tmp_path_factory.mktemp("repository") / "repo"
+    # two threads, not the default one: the written config must carry what export is told
     export_checkpoint(str(checkpoint), ExportOptions(format="triton", output=str(path), image_size=IMAGE,
-                                                     way=5, shot=1, queries=4))
+                                                     way=5, shot=1, queries=4, threads=2))
     return path
 
 
@@ -235,8 +236,29 @@ def test_the_writer_writes_exactly_the_parameters_the_shipped_model_reads(repo, 
         text_format.Parse((repo / EPISODE_MODEL / "config.pbtxt").read_text(), schema.ModelConfig()),
         preserving_proto_field_name=True)
     assert {k: v["string_value"] for k, v in written["parameters"].items()} == {
-        "image_size": str(IMAGE), "max_way": "20", "max_shot": "20", "max_queries": "300"}
+        "image_size": str(IMAGE), "max_way": "20", "max_shot": "20", "max_queries": "300",
+        "intra_op_threads": "2"}
     assert DEFAULT_BOUNDS == {"way": 20, "shot": 20, "queries": 300}
+
+
+def test_instances_and_threads_are_written_for_each_backend():
+    info = ArtifactInfo(format="onnx", image_size=IMAGE)
+    for backend, key in (("python", "intra_op_threads"), ("onnxruntime", "intra_op_thread_count")):
+        config = text_format.Parse(config_text("m", "episode", info, backend=backend, instances=3, threads=4),
+                                   schema.ModelConfig())
+        assert [g.count for g in config.instance_group] == [3]
+        assert config.parameters[key].string_value == "4"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["-f", "triton", "--instances", "0"], "Invalid value for '--instances'"),
+    (["-f", "triton", "--threads", "-1"], "Invalid value for '--threads'"),
+    (["-f", "onnx", "--threads", "2"], "--threads applies to --format triton, not onnx"),
+    (["-f", "onnx", "--instances", "2"], "--instances applies to --format triton, not onnx")])
+def test_export_takes_instances_and_threads_for_triton_only(checkpoint, tmp_path, args, needle):
+    code, output = run_cli("export", checkpoint, "-o", tmp_path / "out", *args)
+    assert code == 2 and needle in output, output
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_writer_refuses_a_bound_the_shipped_model_does_not_read():

@@ -41,8 +41,9 @@ class Triton(Format):
                       help="triton: instances of each model (instance_group count); each python-backend "
                            "instance is a process of its own. Instances × threads should not exceed the "
                            "server's cores (README)."),
-               Option("threads", DEFAULT_THREADS, kind="int", minimum=1,
-                      help="triton: intra-op threads of each instance (onnxruntime, libtorch)."))
+               Option("threads", DEFAULT_THREADS, kind="int", minimum=0,
+                      help="triton: intra-op threads of each instance (onnxruntime, libtorch); "
+                           "0: the runtime's default, a thread per core in every instance."))
 
     def unavailable(self, device: str = "cpu", purpose: str = "run") -> str | None:
         if purpose == "export":
