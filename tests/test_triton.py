@@ -13,12 +13,14 @@ outside CI, where no such environment is installed.
 """
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import importlib.util
 import inspect
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from cli_helpers import one_error_line, run_cli
@@ -53,9 +56,12 @@ from google.protobuf import json_format, text_format  # noqa: E402
 from tritonclient.grpc import model_config_pb2 as schema  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
+from triton_faults import SOAK_FAULTS, good_arrays, reference_scores, scores_match, send_fault  # noqa: E402
+
 from dmf_export.triton import (DEFAULT_BOUNDS, EPISODE_MODEL, TritonRunner, TritonServer,  # noqa: E402
                                config_text, find_distribution, free_ports, glibc_version,
-                               group_members, repository_models)
+                               group_members, model_path, repository_models,
+                               write_perf_analyzer_data)
 
 
 def _server_env() -> str | None:
@@ -89,8 +95,9 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def repo(checkpoint, tmp_path_factory):
     path = tmp_path_factory.mktemp("repository") / "repo"
+    # two threads, not the default one: the written config must carry what export is told
     export_checkpoint(str(checkpoint), ExportOptions(format="triton", output=str(path), image_size=IMAGE,
-                                                     way=5, shot=1, queries=4))
+                                                     way=5, shot=1, queries=4, threads=2))
     return path
 
 
@@ -229,8 +236,29 @@ def test_the_writer_writes_exactly_the_parameters_the_shipped_model_reads(repo, 
         text_format.Parse((repo / EPISODE_MODEL / "config.pbtxt").read_text(), schema.ModelConfig()),
         preserving_proto_field_name=True)
     assert {k: v["string_value"] for k, v in written["parameters"].items()} == {
-        "image_size": str(IMAGE), "max_way": "20", "max_shot": "20", "max_queries": "300"}
+        "image_size": str(IMAGE), "max_way": "20", "max_shot": "20", "max_queries": "300",
+        "intra_op_threads": "2"}
     assert DEFAULT_BOUNDS == {"way": 20, "shot": 20, "queries": 300}
+
+
+def test_instances_and_threads_are_written_for_each_backend():
+    info = ArtifactInfo(format="onnx", image_size=IMAGE)
+    for backend, key in (("python", "intra_op_threads"), ("onnxruntime", "intra_op_thread_count")):
+        config = text_format.Parse(config_text("m", "episode", info, backend=backend, instances=3, threads=4),
+                                   schema.ModelConfig())
+        assert [g.count for g in config.instance_group] == [3]
+        assert config.parameters[key].string_value == "4"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["-f", "triton", "--instances", "0"], "Invalid value for '--instances'"),
+    (["-f", "triton", "--threads", "-1"], "Invalid value for '--threads'"),
+    (["-f", "onnx", "--threads", "2"], "--threads applies to --format triton, not onnx"),
+    (["-f", "onnx", "--instances", "2"], "--instances applies to --format triton, not onnx")])
+def test_export_takes_instances_and_threads_for_triton_only(checkpoint, tmp_path, args, needle):
+    code, output = run_cli("export", checkpoint, "-o", tmp_path / "out", *args)
+    assert code == 2 and needle in output, output
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_writer_refuses_a_bound_the_shipped_model_does_not_read():
@@ -335,15 +363,13 @@ def _labels_for_ten_classes(support, labels, query):
 
 FAULTS = {
     # name: (turn a good 5-way episode's arrays into the bad request, what the error says)
-    "wrong dtype": (lambda a: {**a, "support": a["support"].astype(np.float64)}, r"FP64|data.?type"),
-    "wrong rank": (lambda a: {**a, "query": a["query"][0]}, r"shape|dims"),
     "missing input": (lambda a: {k: v for k, v in a.items() if k != "support_labels"},
                       r"support_labels|expected 3 inputs"),
     "labels for 10 classes, 5-way support": (
         lambda a: arrays(*_labels_for_ten_classes(*(torch.from_numpy(a[n]) for n in EPISODE_INPUTS))),
         r"10 classes but only 5"),
     "oversized": (lambda a: {**a, "query": np.zeros((301, 3, IMAGE, IMAGE), np.float32)},
-                  r"queries = 301 is over .*max_queries = 300"),
+                  r"query: queries = 301 is over .*max_queries = 300"),
 }
 
 
@@ -360,6 +386,89 @@ def test_a_bad_request_gets_an_error_and_the_next_good_one_an_answer(server, eag
         assert_matches(runner(*good), eager(*good))
     finally:
         runner.close()
+
+
+# ---------------------------------------------------------------- the soak's short form
+
+@pytest.fixture(scope="module")
+def in_process(repo):
+    """onnxruntime in this process on the repository's model.onnx: the served model's
+    answers are checked against an independent run of the same file."""
+    return ort.InferenceSession(str(model_path(repo)), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def first_stubs(server):
+    return sorted(server.stub_pids())
+
+
+@pytest.mark.parametrize("fault, protocol", [(f, p) for f in SOAK_FAULTS for p in f.protocols],
+                         ids=lambda x: x if isinstance(x, str) else x.name.replace(" ", "-"))
+def test_each_bad_request_kind_is_refused_and_the_next_good_one_answered_right(
+        server, in_process, first_stubs, fault, protocol):
+    good = good_arrays(IMAGE, seed=5)
+    runner = TritonRunner(server, EPISODE_MODEL, protocol=protocol, timeout=TIMEOUT)
+    try:
+        as_expected, outcome = send_fault(fault, protocol, runner, server.url(protocol), good, IMAGE, TIMEOUT)
+        assert as_expected, f"{fault.name} over {protocol}: {outcome}"
+        assert scores_match(runner.infer(good)[0], reference_scores(in_process, good))
+    finally:
+        runner.close()
+    # the same server and stubs: no fault restarted anything
+    assert server.process.poll() is None and sorted(server.stub_pids()) == first_stubs
+
+
+def _perf_analyzer_arrays(entry) -> dict[str, np.ndarray]:
+    """What one ``data`` entry of perf_analyzer's input-data JSON describes, read as
+    perf_analyzer's documentation says: base64 bytes, row-major little-endian, ``shape``."""
+    return {name: np.frombuffer(base64.b64decode(tensor["content"]["b64"]), "<f4").reshape(tensor["shape"])
+            for name, tensor in entry.items()}
+
+
+def test_the_perf_analyzer_input_data_is_the_episode_and_the_server_accepts_it(server, in_process, tmp_path):
+    size = EpisodeSize(2, 1, 2)
+    data = json.loads(write_perf_analyzer_data(tmp_path / "input.json", size, IMAGE, seeds=(4, 9))
+                      .read_text())["data"]
+    assert len(data) == 2
+    for seed, entry in zip((4, 9), data):
+        arrays = _perf_analyzer_arrays(entry)
+        assert list(arrays) == list(EPISODE_INPUTS)
+        for name, tensor in zip(EPISODE_INPUTS, episode(size, seed=seed)):
+            np.testing.assert_array_equal(arrays[name], tensor.numpy())
+        for protocol in ("http", "grpc"):
+            runner = TritonRunner(server, EPISODE_MODEL, protocol=protocol, timeout=TIMEOUT)
+            try:
+                assert scores_match(runner.infer(arrays)[0], reference_scores(in_process, arrays))
+            finally:
+                runner.close()
+
+
+def _perf_analyzer() -> tuple[str, dict[str, str]] | None:
+    """perf_analyzer and its environment, as benchmarks/perf_analyzer.sh installs it."""
+    binary = ROOT / "benchmarks" / ".venv-perf" / "bin" / "perf_analyzer"
+    if not binary.exists():
+        found = shutil.which("perf_analyzer")
+        binary = Path(found) if found else None
+    if binary is None:
+        return None
+    libraries = [str(p) for p in binary.parent.parent.glob("lib/python3*/site-packages/nvidia/cuda_runtime/lib")]
+    env = {**os.environ, "LD_LIBRARY_PATH": ":".join(libraries + [os.environ.get("LD_LIBRARY_PATH", "")])}
+    return str(binary), env
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_perf_analyzer_runs_our_input_data_against_the_server(server, tmp_path, protocol):
+    found = _perf_analyzer()
+    if found is None:
+        pytest.skip("perf_analyzer is not installed (benchmarks/perf_analyzer.sh installs it)")
+    binary, env = found
+    data = write_perf_analyzer_data(tmp_path / "input.json", EpisodeSize(2, 1, 2), IMAGE)
+    result = subprocess.run([binary, "-m", EPISODE_MODEL, "-u", server.url(protocol), "-i", protocol,
+                             "--input-data", str(data), "--concurrency-range", "1:1",
+                             "--measurement-mode", "count_windows", "--measurement-request-count", "5",
+                             "--max-trials", "3", "--stability-percentage", "999"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0 and "Throughput" in result.stdout, result.stdout + result.stderr
 
 
 # ---------------------------------------------------------------- the server's life

@@ -22,8 +22,8 @@ from dmf_export.contract import ArtifactInfo
 from dmf_export.errors import DMFExportError
 from dmf_export.formats import onnx, tensorrt, torchscript
 from dmf_export.formats.base import Format, Option, Runner, RunOptions, Staging, Written, strip_checkpoint_suffix
-from dmf_export.triton import (EPISODE_MODEL, TritonRunner, TritonServer,
-                               find_distribution, model_path, write_repository)
+from dmf_export.triton import (DEFAULT_INSTANCES, DEFAULT_THREADS, EPISODE_MODEL, TritonRunner,
+                               TritonServer, find_distribution, model_path, write_repository)
 
 # the artifact formats a repository can hold
 VARIANT_FORMATS = {module.FORMAT.name: module.FORMAT for module in (onnx, torchscript, tensorrt)}
@@ -36,7 +36,14 @@ class Triton(Format):
     suffix = ".triton"  # the default repository folder's name: <checkpoint>.triton/
     options = (Option("variants", ("onnx",), kind="list", choices=VARIANTS,
                       help="triton: the artifact formats the repository holds, comma-separated "
-                           "(onnx, torchscript, tensorrt; onnx serves the onnxruntime and python backends)."),)
+                           "(onnx, torchscript, tensorrt; onnx serves the onnxruntime and python backends)."),
+               Option("instances", DEFAULT_INSTANCES, kind="int", minimum=1,
+                      help="triton: instances of each model (instance_group count); each python-backend "
+                           "instance is a process of its own. Instances × threads should not exceed the "
+                           "server's cores (README)."),
+               Option("threads", DEFAULT_THREADS, kind="int", minimum=0,
+                      help="triton: intra-op threads of each instance (onnxruntime, libtorch); "
+                           "0: the runtime's default, a thread per core in every instance."))
 
     def unavailable(self, device: str = "cpu", purpose: str = "run") -> str | None:
         if purpose == "export":
@@ -80,7 +87,8 @@ class Triton(Format):
                         fmt.write(variant_job, paths, inner, log)
                     artifacts[paths[graph]] = fmt.read_info(paths[graph])
             log(f"writing the Triton model repository → {repo}")
-            write_repository(repo, artifacts, force=opts.force, staging=staging)
+            write_repository(repo, artifacts, force=opts.force, staging=staging,
+                             instances=opts.instances, threads=opts.threads)
         return [Written(repo, "episode" if opts.graph == "episode" else "split", time.perf_counter() - start)]
 
     def read_info(self, path: Path) -> ArtifactInfo:

@@ -2,10 +2,14 @@
 ``scores``, through ``tritonclient`` (HTTP or gRPC) only."""
 from __future__ import annotations
 
+import base64
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from dmf_export.contract import EPISODE_INPUTS, EPISODE_OUTPUTS
+from dmf_export.contract import DEFAULT_IMAGE_SIZE, EPISODE_INPUTS, EPISODE_OUTPUTS, EpisodeSize, make_episode
 from dmf_export.errors import DMFExportError
 from dmf_export.triton.repository import EPISODE_MODEL
 from dmf_export.triton.server import TritonServer
@@ -65,3 +69,32 @@ class TritonRunner:
 
     def close(self):
         self.client.close()
+
+
+def perf_analyzer_data(episodes, precision: str = "fp32") -> dict:
+    """perf_analyzer's ``--input-data`` JSON (as a dict) for ``episodes``, each a
+    (support, support_labels, query) of tensors or arrays: one ``data`` entry per episode
+    (perf_analyzer sends them round-robin), each input its ``shape`` and its bytes
+    (row-major, little-endian, the model's dtype) in base64, as perf_analyzer's "Real
+    Input Data" reads them. The model's dims are -1 for S, way and Q, so every tensor
+    carries its shape."""
+    dtype = np.dtype(_NUMPY_TYPE[precision]).newbyteorder("<")
+    entries = []
+    for episode in episodes:
+        entry = {}
+        for name, tensor in zip(EPISODE_INPUTS, episode):
+            array = np.ascontiguousarray(np.asarray(tensor), dtype=dtype)
+            entry[name] = {"content": {"b64": base64.b64encode(array.tobytes()).decode("ascii")},
+                           "shape": list(array.shape)}
+        entries.append(entry)
+    return {"data": entries}
+
+
+def write_perf_analyzer_data(path, size: EpisodeSize, image_size: int = DEFAULT_IMAGE_SIZE,
+                             seeds=(0,), precision: str = "fp32") -> Path:
+    """Write perf_analyzer's input-data file for seeded random episodes of ``size``
+    (``make_episode``, one per seed) at ``path``; returns the path."""
+    episodes = [make_episode(size, image_size, seed=seed) for seed in seeds]
+    path = Path(path)
+    path.write_text(json.dumps(perf_analyzer_data(episodes, precision)))
+    return path

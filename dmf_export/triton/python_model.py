@@ -46,6 +46,11 @@ def check_episode(support, labels, query, image_size, bounds):
     for name, images in (("support", support), ("query", query)):
         if images.ndim != 4 or images.shape[1:] != (3, image_size, image_size):
             return f"{name} must be [N, 3, {image_size}, {image_size}] (got {list(images.shape)})"
+        if images.shape[0] == 0:
+            return f"{name} is empty: at least one image is needed"
+        finite = np.isfinite(images.reshape(images.shape[0], -1)).all(axis=1)
+        if not finite.all():  # NaN pixels give NaN scores for every query, not an answer
+            return f"{name} image {int(np.argmin(finite))} holds a non-finite value (NaN or ±inf)"
     if labels.ndim != 2 or labels.shape[0] != support.shape[0]:
         return (f"support_labels must be [S, way] with one row per support image "
                 f"(got {list(labels.shape)} for {support.shape[0]} support images)")
@@ -56,9 +61,10 @@ def check_episode(support, labels, query, image_size, bounds):
     if (counts == 0).any():
         return (f"support_labels name {way} classes but only {int((counts > 0).sum())} of them "
                 f"have a support image")
-    for name, value in (("way", way), ("shot", int(counts.max())), ("queries", query.shape[0])):
+    for source, name, value in (("support_labels", "way", way), ("support_labels", "shot", int(counts.max())),
+                                ("query", "queries", query.shape[0])):
         if bounds[name] is not None and value > bounds[name]:
-            return f"{name} = {value} is over this model's bound max_{name} = {bounds[name]}"
+            return f"{source}: {name} = {value} is over this model's bound max_{name} = {bounds[name]}"
     return None
 
 

@@ -94,6 +94,14 @@ PYTHON_PARAMETERS: dict[str, object] = _shipped_constant("PARAMETERS")
 # 20-shot, 300 queries is beyond the test protocol (5-way, 1/5-shot, 75 queries)
 DEFAULT_BOUNDS = {"way": 20, "shot": 20, "queries": 300}
 
+# instances of each model and intra-op threads of each instance when export is not told:
+# measured for a 2-core server (README, "Serving"): one instance of one thread answered as
+# many episodes per second at 2 and 4 concurrent clients as at one, over HTTP and gRPC
+# alike. onnxruntime's own default (a thread per core, spinning between episodes, per
+# instance) lost half its throughput at 2 clients, and costs more CPU per episode.
+DEFAULT_INSTANCES = 1
+DEFAULT_THREADS: int | None = 1
+
 _TRITON_TYPE = {"fp32": "TYPE_FP32", "fp16": "TYPE_FP16"}
 
 
@@ -155,8 +163,9 @@ def _check_artifact(path: Path, info: ArtifactInfo) -> None:
         raise DMFExportError(f"{path}: unknown graph {info.graph!r}")
 
 
-def write_repository(repo: Path, artifacts, *, force: bool = False, instances: int = 1,
-                     threads: int | None = None, bounds: dict[str, int] | None = None,
+def write_repository(repo: Path, artifacts, *, force: bool = False,
+                     instances: int = DEFAULT_INSTANCES, threads: int | None = None,
+                     bounds: dict[str, int] | None = None,
                      staging: Staging | None = None) -> dict[str, Path]:
     """Write a Triton model repository at ``repo`` from dmf-export artifacts ({path: its
     ``ArtifactInfo``}, as ``formats.read_info`` reads it: format and graph, episode,
@@ -166,13 +175,14 @@ def write_repository(repo: Path, artifacts, *, force: bool = False, instances: i
     _head]`` and a python-backend one ``…_python``; TorchScript ``…_torchscript``
     (pytorch_libtorch); a TensorRT engine ``…_tensorrt`` (tensorrt_plan, on a GPU).
     ``instances`` model instances each, ``threads`` intra-op threads per instance (None:
-    the runtime's default, all cores), ``bounds`` the largest way, shot and queries the
+    ``DEFAULT_THREADS``; 0: the runtime's default, a thread per core), ``bounds`` the largest way, shot and queries the
     python-backend episode model accepts (default ``DEFAULT_BOUNDS``). All or nothing:
     written in a folder beside ``repo`` and renamed onto it (by ``staging``, a
     ``Staging`` of which ``repo`` is one output, when the caller commits it, else
     here). Returns {model name: folder}.
     """
     repo = Path(repo)
+    threads = DEFAULT_THREADS if threads is None else threads
     bounds = {**DEFAULT_BOUNDS, **(bounds or {})}
     planned = {}
     for path, info in artifacts.items():
