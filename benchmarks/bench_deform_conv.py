@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -46,7 +45,6 @@ def timed(fns: dict, runs: int, sync=lambda: None) -> dict:
 
 
 def ort_deform_conv(weight_shape):
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
