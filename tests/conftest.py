@@ -138,3 +138,12 @@ def pytest_collection_modifyitems(config, items):
     reason = cuda_unavailable_reason() if marked else None
     for item in marked if reason else ():
         item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="module")
+def two_threads():
+    """torch on 2 threads for the module (as CI's 2 cores), restored after it."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)

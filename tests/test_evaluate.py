@@ -34,13 +34,7 @@ from fewshot_data import (PICKLE_NAMES, draw, original_episodes, original_figure
 SMALL = EXPORT_IMAGE  # artifacts exported at 32×32 keep episodes quick; the pickles are stored at it
 EPISODES, QUERIES = 3, 2  # 5-way 1-shot, 2 queries per class: 15 images an episode
 
-
-@pytest.fixture(scope="module", autouse=True)
-def two_threads():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("two_threads")  # episodes at the speed CI sees
 
 
 @pytest.fixture(scope="module")

@@ -31,13 +31,7 @@ from fewshot_data import write_folders
 EPISODES, QUERIES = 4, 3  # 5-way 1-shot, 3 queries per class: 20 images an episode
 CHROMIUM = shutil.which("chromium")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def two_threads():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("two_threads")  # episodes at the speed CI sees
 
 
 @pytest.fixture(scope="module")
