@@ -23,7 +23,7 @@ from dmf_export.evaluate import describe, printable
 from dmf_export.evaluate import evaluate as run_evaluate
 from dmf_export.evaluate import predict as run_predict
 from dmf_export.export import SOLVERS, ExportOptions, export_checkpoint, format_options
-from dmf_export.formats.base import Option
+from dmf_export.formats.base import MAX_THREADS, Option
 from dmf_export.triton import TritonServer, serve_forever, write_repository
 from dmf_export.tensorrt import plugin as trt_plugin
 from dmf_export.verify import describe_ties, verify_artifact
@@ -110,7 +110,7 @@ _provider_option = click.option(
 _device_option = click.option(
     "--device", default="cpu", show_default=True,
     help="torch device for the eager model and TorchScript/AOTInductor artifacts (cpu, cuda, cuda:1).")
-_threads_option = click.option("--threads", type=click.IntRange(min=1),
+_threads_option = click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS),
                                help="CPU threads for torch and onnxruntime.")
 _checkpoint_option = click.option("--checkpoint", "-c", required=True, type=click.Path(dir_okay=False),
                                   help="The checkpoint the artifacts were exported from (the eager original).")
@@ -149,8 +149,8 @@ def _sizes_option(default: str | None, help: str):
 
 def _format_option(option: Option):
     """The export command's flag for an option a format declares (``Format.options``)."""
-    types = {"int": click.IntRange(min=option.minimum), "text": str, "list": str,
-             "number": click.FloatRange(min=option.minimum, min_open=option.open_minimum),
+    types = {"int": click.IntRange(min=option.minimum, max=option.maximum), "text": str, "list": str,
+             "number": click.FloatRange(min=option.minimum, max=option.maximum, min_open=option.open_minimum),
              "choice": click.Choice(option.choices), "file": click.Path(dir_okay=False, exists=True),
              "new-file": click.Path(dir_okay=False), "folder": click.Path(file_okay=False)}
     default = ",".join(option.default) if option.kind == "list" else option.default
@@ -530,7 +530,7 @@ def predict(artifact, queries, support_dir, cifar, workers, image_size, provider
               help="Virtual environment holding nvidia-pytriton, numpy < 2 and onnxruntime, whose "
                    "Python runs the python backend (default $DMF_TRITON_ENV, else this one).")
 @click.option("--model", "models", multiple=True, help="Load only this model (repeatable).")
-@click.option("--threads", type=click.IntRange(min=1),
+@click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS),
               help="onnxruntime threads per instance, when serving an .onnx artifact.")
 def serve(repo_or_artifact, http_port, grpc_port, metrics_port, host, server_env, models, threads):
     """Serve a Triton model repository (or one .onnx artifact) with a real Triton server.

@@ -84,6 +84,15 @@ def test_bad_options_are_usage_errors(checkpoint, args):
     assert code == 2 and "Traceback" not in out and "Error" in out
 
 
+@pytest.mark.parametrize("command", [["evaluate", "{ckpt}", "--data", "{tmp}"], ["bench", "-c", "{ckpt}"],
+                                     ["predict", "{ckpt}", "{ckpt}", "--support", "{tmp}"], ["serve", "{tmp}"]])
+def test_a_thread_count_past_256_is_refused_before_any_work(checkpoint, tmp_path, command):
+    # each thread holds a stack and an arena: a count past the largest machines only grows memory
+    args = [a.format(ckpt=checkpoint, tmp=tmp_path) for a in command]
+    code, out = run(*args, "--threads", str(10**9))
+    assert code == 2 and "'--threads': 1000000000 is not in the range 1<=x<=256" in out, out
+
+
 def test_unwritable_folder_is_refused(checkpoint, tmp_path):
     if os.geteuid() == 0:
         pytest.skip("root can write anywhere; the permission check cannot be exercised")

@@ -253,12 +253,20 @@ def test_instances_and_threads_are_written_for_each_backend():
 @pytest.mark.parametrize("args, needle", [
     (["-f", "triton", "--instances", "0"], "Invalid value for '--instances'"),
     (["-f", "triton", "--threads", "-1"], "Invalid value for '--threads'"),
+    (["-f", "triton", "--instances", "65"], "Invalid value for '--instances'"),
+    (["-f", "triton", "--threads", str(10**9)], "Invalid value for '--threads'"),
     (["-f", "onnx", "--threads", "2"], "--threads applies to --format triton, not onnx"),
     (["-f", "onnx", "--instances", "2"], "--instances applies to --format triton, not onnx")])
 def test_export_takes_instances_and_threads_for_triton_only(checkpoint, tmp_path, args, needle):
     code, output = run_cli("export", checkpoint, "-o", tmp_path / "out", *args)
     assert code == 2 and needle in output, output
     assert not (tmp_path / "out").exists()
+
+
+def test_export_options_refuse_past_their_maximum_from_python_too():
+    # 64 instances is the most a repository may ask for: each is a process with its own model
+    with pytest.raises(DMFExportError, match=r"--instances must be ≤ 64 \(got 65\)"):
+        ExportOptions(format="triton", instances=65).check()
 
 
 def test_the_writer_refuses_a_bound_the_shipped_model_does_not_read():

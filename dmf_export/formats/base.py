@@ -61,6 +61,11 @@ def split_partner(path: Path, info: ArtifactInfo) -> Path:
 
 # ------------------------------------------------------------------------- running
 
+# The most CPU threads any option may ask for: each is a stack and an arena of its own, so
+# past the largest machines a thread count only grows memory.
+MAX_THREADS = 256
+
+
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
     """How to run an artifact. Each format reads what applies to it (``Format.run_flags``
@@ -142,6 +147,7 @@ class Option:
     choices: tuple[str, ...] = ()  # choice, list: the allowed values
     minimum: float | None = None   # int, number: the smallest allowed value
     open_minimum: bool = False     # number: the minimum itself is not allowed
+    maximum: float | None = None   # int, number: the largest allowed value
 
     @property
     def flag(self) -> str:
@@ -160,6 +166,8 @@ class Option:
         if self.minimum is not None and (value < self.minimum or (self.open_minimum and value == self.minimum)):
             relation = ">" if self.open_minimum else "≥"
             raise DMFExportError(f"{self.flag} must be {relation} {self.minimum:g} (got {value})")
+        if self.maximum is not None and value > self.maximum:
+            raise DMFExportError(f"{self.flag} must be ≤ {self.maximum:g} (got {value})")
 
 
 class Format:

@@ -21,13 +21,16 @@ import torch
 from dmf_export.contract import ArtifactInfo
 from dmf_export.errors import DMFExportError
 from dmf_export.formats import onnx, tensorrt, torchscript
-from dmf_export.formats.base import Format, Option, Runner, RunOptions, Staging, Written, strip_checkpoint_suffix
+from dmf_export.formats.base import MAX_THREADS, Format, Option, Runner, RunOptions, Staging, Written, strip_checkpoint_suffix
 from dmf_export.triton import (DEFAULT_INSTANCES, DEFAULT_THREADS, EPISODE_MODEL, TritonRunner,
                                TritonServer, find_distribution, model_path, write_repository)
 
 # the artifact formats a repository can hold
 VARIANT_FORMATS = {module.FORMAT.name: module.FORMAT for module in (onnx, torchscript, tensorrt)}
 VARIANTS = tuple(VARIANT_FORMATS)
+# What a repository may ask of its server: past this, memory (a model per instance) grows
+# with an option rather than with the machine.
+MAX_INSTANCES = 64
 
 
 class Triton(Format):
@@ -37,11 +40,12 @@ class Triton(Format):
     options = (Option("variants", ("onnx",), kind="list", choices=VARIANTS,
                       help="triton: the artifact formats the repository holds, comma-separated "
                            "(onnx, torchscript, tensorrt; onnx serves the onnxruntime and python backends)."),
-               Option("instances", DEFAULT_INSTANCES, kind="int", minimum=1,
+               # bounded: each python-backend instance is a process holding its own copy of the model
+               Option("instances", DEFAULT_INSTANCES, kind="int", minimum=1, maximum=MAX_INSTANCES,
                       help="triton: instances of each model (instance_group count); each python-backend "
                            "instance is a process of its own. Instances × threads should not exceed the "
                            "server's cores (README)."),
-               Option("threads", DEFAULT_THREADS, kind="int", minimum=0,
+               Option("threads", DEFAULT_THREADS, kind="int", minimum=0, maximum=MAX_THREADS,
                       help="triton: intra-op threads of each instance (onnxruntime, libtorch); "
                            "0: the runtime's default, a thread per core in every instance."))
 
