@@ -26,8 +26,6 @@ WRAPPER_KEYS = ("state_dict", "acc", "epoch")
 DATAPARALLEL_PREFIX = "module."
 _BN_ENTRIES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _LIST_LIMIT = 6
-_ZIP_MAGIC = b"PK\x03\x04"
-_PICKLE_PROTO = 0x80
 
 
 # -- the original's layout -------------------------------------------------------------
@@ -116,8 +114,6 @@ def _sniff(path: Path) -> str:
         raise DMFExportError(f"cannot read {path}: it is a directory, not a checkpoint file")
     try:
         kind = sniff.kind_of(path)
-        with open(path, "rb") as handle:
-            head = handle.read(4)
     except OSError as err:
         raise DMFExportError(f"cannot read {path}: {err.strerror or err}") from None
     if kind == sniff.EMPTY:
@@ -126,11 +122,9 @@ def _sniff(path: Path) -> str:
         raise DMFExportError(f"{path} is {kind} (an exported artifact), not a checkpoint: "
                              "`dmf-export inspect`, `evaluate`, `verify` and `bench` read it; "
                              "`export` and `--checkpoint` want the training checkpoint")
-    if head == _ZIP_MAGIC:
-        if kind not in (sniff.TORCH_ZIP, "a damaged zip archive"):
-            raise DMFExportError(f"{path} is {kind}, not a PyTorch checkpoint")
+    if kind in (sniff.TORCH_ZIP, sniff.DAMAGED_ZIP):  # torch.load says what is damaged
         return "zip"
-    if head[0] == _PICKLE_PROTO:
+    if kind == sniff.PICKLE:
         return "legacy"
     if kind:
         raise DMFExportError(f"{path} is {kind}, not a PyTorch checkpoint")

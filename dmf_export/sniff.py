@@ -31,6 +31,7 @@ AOTI = "an AOTInductor package"
 ONNX = "an ONNX model"
 TEXT = "a text file"
 EMPTY = "an empty file"
+DAMAGED_ZIP = "a damaged zip archive"
 
 
 def article(word: str) -> str:
@@ -44,7 +45,7 @@ def _zip_kind(path: Path) -> str:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError, ValueError):
-        return "a damaged zip archive"
+        return DAMAGED_ZIP
     # TorchScript archives carry code/ and constants.pkl; torch.save's zip only data.pkl;
     # an AOTInductor package (torch._inductor.aoti_compile_and_package) its .so/.cpp and
     # the archive_format marker
