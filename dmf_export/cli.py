@@ -25,6 +25,7 @@ from dmf_export.evaluate import predict as run_predict
 from dmf_export.export import SOLVERS, ExportOptions, export_checkpoint, format_options
 from dmf_export.formats.base import MAX_THREADS, Option
 from dmf_export.triton import TritonServer, serve_forever, write_repository
+from dmf_export.triton.remote import DEFAULT_TIMEOUT, MAX_CLIENTS, PROTOCOLS
 from dmf_export.tensorrt import plugin as trt_plugin
 from dmf_export.verify import describe_ties, verify_artifact
 
@@ -119,6 +120,21 @@ _cuda_graph_option = click.option("--cuda-graph", is_flag=True,
 _tf32_option = click.option("--tf32", is_flag=True,
                             help="On a GPU, let fp32 convolutions use TF32 (~5e-3 from the original). Off: IEEE fp32.")
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+
+
+def _server_options(fn):
+    """--server/--protocol/--timeout/--clients: talk to Triton servers the user runs."""
+    fn = click.option("--clients", default=1, show_default=True, type=click.IntRange(1, MAX_CLIENTS),
+                      help="Concurrent requests to the server(s) (each holds one episode in flight).")(fn)
+    fn = click.option("--timeout", default=DEFAULT_TIMEOUT, show_default=True,
+                      type=click.FloatRange(min=0, min_open=True),
+                      help="Seconds a request to the server may take before the run ends.")(fn)
+    fn = click.option("--protocol", default="http", show_default=True, type=click.Choice(PROTOCOLS),
+                      help="How to talk to --server: HTTP/REST or gRPC.")(fn)
+    fn = click.option("--server", "servers", multiple=True, metavar="HOST:PORT",
+                      help="A running Triton server with a dmf-export repository (repeatable: "
+                           "the episodes are spread over the servers).")(fn)
+    return fn
 
 
 def _report_option(what: str):

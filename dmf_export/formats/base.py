@@ -119,6 +119,20 @@ class Runner:
         with self._context():
             return self.graphs["encoder"](images)
 
+    @property
+    def splittable(self) -> bool:
+        """Whether the encoder and the head run apart (``encode`` once per image, ``head``
+        per episode on the features): a split export, or a server with both models."""
+        return "encoder" in self.graphs and "head" in self.graphs
+
+    @torch.inference_mode()
+    def head(self, support_features, support_labels, query_features) -> torch.Tensor:
+        """Scores ``[Q, way]`` from backbone features (the head of a split export)."""
+        if "head" not in self.graphs:
+            raise DMFExportError(f"{self.path}: head() needs the head of a split export")
+        with self._context():
+            return self.graphs["head"](support_features, support_labels, query_features)
+
     def close(self) -> None:
         """Free what the runner holds beyond memory (``close``, given by a format that
         holds a server process); a no-op for most."""
