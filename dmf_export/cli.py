@@ -248,7 +248,8 @@ def export(checkpoint, fmt, output, kernel, run_verify, **options):
 
 def _run_verify(artifact, checkpoint, as_json=False, report_dir=None, **kwargs) -> bool:
     if not as_json:
-        _log(f"verifying {artifact} against the eager model")
+        what = artifact or " and ".join(kwargs.get("servers") or ()) or "nothing"
+        _log(f"verifying {what} against the eager model")
     report = verify_artifact(artifact, checkpoint, log=(lambda _: None) if as_json else _log, **kwargs)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -267,8 +268,9 @@ def _run_verify(artifact, checkpoint, as_json=False, report_dir=None, **kwargs) 
 
 
 @main.command()
-@click.argument("artifact", type=click.Path())
+@click.argument("artifact", type=click.Path(), required=False)
 @_checkpoint_option
+@_server_options
 @_provider_option
 @_device_option
 @_sizes_option(None, "Episode sizes, e.g. 5w1s10q,3w2s4q (default: a spread of sizes).")
@@ -279,15 +281,23 @@ def _run_verify(artifact, checkpoint, as_json=False, report_dir=None, **kwargs) 
 @_tf32_option
 @_json_option
 @_report_option("the error per episode size against the tolerance")
-def verify(artifact, checkpoint, provider, device, sizes, seed, rtol, atol, cuda_graph, tf32, as_json,
-           report_dir):
-    """Run ARTIFACT and the eager model on the same seeded episodes and compare.
+def verify(artifact, checkpoint, servers, protocol, timeout, clients, provider, device, sizes, seed, rtol,
+           atol, cuda_graph, tf32, as_json, report_dir):
+    """Run ARTIFACT (or the Triton servers at --server) and the eager model on the same
+    seeded episodes and compare.
 
+    \b
     Exits 1 when any episode is outside the tolerances.
+    Example, against a running server (a dmf-export repository):
+      dmf-export verify -c model.pth.tar --server gpu1:8000 --server gpu2:8000 --clients 4
     """
+    if servers and (provider != "cpu" or device != "cpu" or cuda_graph or tf32):
+        raise DMFExportError("--provider, --device, --cuda-graph and --tf32 choose how an ARTIFACT runs "
+                             "here; with --server the server runs it")
     ok = _run_verify(artifact, checkpoint, as_json=as_json, report_dir=report_dir, provider=provider,
                      device=device, sizes=sizes, seed=seed, rtol=rtol, atol=atol,
-                     cuda_graph=cuda_graph, tf32=tf32)
+                     cuda_graph=cuda_graph, tf32=tf32, servers=servers, protocol=protocol,
+                     timeout=timeout, clients=clients)
     if not ok:
         sys.exit(1)
 
@@ -305,10 +315,11 @@ def verify(artifact, checkpoint, provider, device, sizes, seed, rtol, atol, cuda
 @_device_option
 @_cuda_graph_option
 @_tf32_option
+@_server_options
 @_json_option
 @_report_option("latency per candidate and episode size, ratios, peak memory")
 def bench(artifacts, checkpoint, sizes, repeats, threads, no_eager, no_backbone, provider, device,
-          cuda_graph, tf32, as_json, report_dir):
+          cuda_graph, tf32, servers, protocol, timeout, clients, as_json, report_dir):
     """Per-episode latency (min/median) and peak memory of the eager model and of
     ARTIFACTS, side by side on the same episodes.
 
@@ -317,12 +328,18 @@ def bench(artifacts, checkpoint, sizes, repeats, threads, no_eager, no_backbone,
     also timed alone on the episode's S + Q images: the floor an episode graph can reach.
     Each artifact's median is divided by the eager backbone's (÷ backbone) and by the
     encoder of the same format and precision, when one is among ARTIFACTS (÷ encoder).
-    Example:
+    With --server, the Triton servers the user runs are one more candidate ("triton @
+    host:port"), --clients requests in flight at once: its episodes/s is their throughput.
+    Examples:
       dmf-export bench m.onnx m.encoder.onnx m.ts -c m.pth.tar --sizes 5w1s75q,5w5s75q --threads 2
+      dmf-export bench -c m.pth.tar --server gpu1:8000 --server gpu2:8000 --clients 8 --no-eager
     """
+    if not artifacts and not servers:
+        raise DMFExportError("give ARTIFACTS to time, or --server HOST:PORT")
     rows = run_bench(checkpoint, artifacts, sizes, repeats=repeats, eager=not no_eager,
                      backbone=not no_backbone, provider=provider, device=device, threads=threads,
-                     cuda_graph=cuda_graph, tf32=tf32, log=(lambda _: None) if as_json else _log)
+                     cuda_graph=cuda_graph, tf32=tf32, servers=servers, protocol=protocol,
+                     timeout=timeout, clients=clients, log=(lambda _: None) if as_json else _log)
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
     else:
@@ -344,6 +361,10 @@ def _print_timings(rows) -> None:
                    f"{ratio(r.vs_backbone, '.3f'):>10} {ratio(r.vs_encoder, '.3f'):>9} {peak:>7}{gpu_peak}")
     click.echo("vs eager: eager median ÷ this one; ÷ backbone: this median ÷ the eager backbone's; "
                "÷ encoder: this median ÷ its format's split encoder alone (the floor).")
+    for r in rows:
+        if r.episodes_per_s is not None:
+            click.echo(f"{r.size} {r.name}: {r.episodes_per_s:.2f} episodes/s with {r.clients} "
+                       f"request{'s' if r.clients != 1 else ''} in flight")
 
 
 @main.command()

@@ -1,6 +1,7 @@
 """Parity of an artifact with the eager original on seeded random episodes."""
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 from typing import Callable, Sequence
 
@@ -8,7 +9,9 @@ import torch
 
 from dmf_export.checkpoint import load_checkpoint
 from dmf_export.contract import TOLERANCES, VERIFY_SIZES, EpisodeSize, Tolerance, make_episode, unique
+from dmf_export.errors import DMFExportError
 from dmf_export.formats import open_artifact
+from dmf_export.triton.remote import DEFAULT_TIMEOUT, open_server
 
 
 @dataclasses.dataclass
@@ -71,16 +74,37 @@ def compare(scores: torch.Tensor, expected: torch.Tensor, tol: Tolerance, size: 
                       finite and close and accepted >= tol.min_agreement, used)
 
 
-def verify_artifact(artifact: str, checkpoint: str, *, provider: str = "cpu", device: str = "cpu",
+def verify_artifact(artifact: str | None, checkpoint: str, *, provider: str = "cpu", device: str = "cpu",
                     sizes: Sequence[EpisodeSize] | None = None, seed: int = 0,
                     rtol: float | None = None, atol: float | None = None,
                     min_agreement: float | None = None, cuda_graph: bool = False, tf32: bool = False,
-                    plugin: str | None = None,
+                    plugin: str | None = None, servers: Sequence[str] = (), protocol: str = "http",
+                    timeout: float = DEFAULT_TIMEOUT, clients: int = 1,
                     log: Callable[[str], None] = lambda _: None) -> Report:
-    runner = open_artifact(artifact, provider=provider, device=device, cuda_graph=cuda_graph, tf32=tf32,
-                           plugin=plugin)
+    """Compare ``artifact`` (or, with ``servers``, the Triton servers' answers) with the
+    eager model of ``checkpoint`` on seeded episodes. With ``clients`` > 1 the episodes
+    are sent that many at a time (a server's answers must not depend on what else it runs)."""
+    if servers and artifact:
+        raise DMFExportError("give an ARTIFACT or --server, not both")
+    if not servers and not artifact:
+        raise DMFExportError("give an ARTIFACT to verify, or --server HOST:PORT")
+    if servers:
+        runner = open_server(servers, protocol=protocol, timeout=timeout)
+    else:
+        runner = open_artifact(artifact, provider=provider, device=device, cuda_graph=cuda_graph,
+                               tf32=tf32, plugin=plugin)
     info = runner.info
-    model = load_checkpoint(checkpoint, groups=info.groups, kernel=info.kernel)
+    try:
+        # a server does not say the export's groups and kernel (read from the weights) nor its
+        # solver: the original's (rk4, one step) unless the artifact says otherwise
+        model = load_checkpoint(checkpoint, groups=info.groups, kernel=info.kernel)
+    except BaseException:
+        runner.close()
+        raise
+    solver, steps = info.solver or "rk4", info.steps or 1
+    if servers:
+        log(f"  serving {', '.join(runner.graphs)}; compared with the eager model at {solver}, "
+            f"{steps} step{'s' if steps != 1 else ''} (a server does not say the export's solver)")
     default = TOLERANCES[info.precision]
     tol = Tolerance(rtol if rtol is not None else default.rtol,
                     atol if atol is not None else default.atol,
@@ -91,13 +115,17 @@ def verify_artifact(artifact: str, checkpoint: str, *, provider: str = "cpu", de
             example = EpisodeSize(**info.example)
             # the export-time size, capped so the eager original stays quick on a CPU
             sizes.insert(0, EpisodeSize(example.way, example.shot, min(example.queries, 15)))
+    sizes = unique(sizes)
+    episodes = [make_episode(size, info.image_size, seed=seed + i) for i, size in enumerate(sizes)]
     results = []
     try:
-        for i, size in enumerate(unique(sizes)):
-            support, labels, query = make_episode(size, info.image_size, seed=seed + i)
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(clients, len(episodes)))) as pool:
+            # the runner's answers first (concurrently with --clients), then each compared
+            answers = list(pool.map(lambda episode: runner(*episode), episodes)) if clients > 1 else None
+        for i, (size, episode) in enumerate(zip(sizes, episodes)):
             with torch.inference_mode():
-                expected = model(support, labels, query, method=info.solver, steps=info.steps)
-            scores = runner(support, labels, query)
+                expected = model(*episode, method=solver, steps=steps)
+            scores = answers[i] if answers is not None else runner(*episode)
             result = compare(scores, expected, tol, str(size))
             log(f"  {size}: max abs {result.max_abs:.2e}, max rel {result.max_rel:.2e}, "
                 f"agreement {result.agreement:.0%}{describe_ties(result.near_ties)} "
@@ -105,7 +133,7 @@ def verify_artifact(artifact: str, checkpoint: str, *, provider: str = "cpu", de
             results.append(result)
     finally:
         runner.close()
-    return Report(str(artifact), runner.backend, info.precision, tol, results)
+    return Report(str(artifact or runner.path), runner.backend, info.precision, tol, results)
 
 
 def describe_ties(count: int) -> str:

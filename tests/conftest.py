@@ -22,7 +22,9 @@ if not os.environ.get("DMF_TRITON_ENV") and (ROOT / ".venv-triton" / "bin" / "py
 # this checkout's package, from ROOT above
 from dmf_export import load_checkpoint, ops  # noqa: E402
 from dmf_export.export import ExportOptions, export_checkpoint  # noqa: E402
+from dmf_export.formats import read_info  # noqa: E402
 from dmf_export.synthetic import random_state_dict, write_random_checkpoint  # noqa: E402
+from dmf_export.triton import write_repository  # noqa: E402
 
 
 _STATE_DICTS: dict = {}
@@ -100,6 +102,18 @@ def exported(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def triton_split_repository(exported, tmp_path_factory):
+    """(checkpoint, repository): a split Triton repository (dmf, dmf_encoder, dmf_head, each
+    for the onnxruntime and python backends) of ``exported``'s ONNX episode and split
+    exports of (64, 1), written as plain copies (no export of its own)."""
+    checkpoint, (episode,) = exported(64, 1, "onnx")
+    _, split = exported(64, 1, "onnx", graph="split")
+    repo = tmp_path_factory.mktemp("triton-split") / "repo"
+    write_repository(repo, {path: read_info(path) for path in (episode, *split)})
+    return checkpoint, repo
 
 
 @pytest.fixture(scope="session")

@@ -22,8 +22,10 @@ from dmf_export.contract import ArtifactInfo
 from dmf_export.errors import DMFExportError
 from dmf_export.formats import onnx, tensorrt, torchscript
 from dmf_export.formats.base import MAX_THREADS, Format, Option, Runner, RunOptions, Staging, Written, strip_checkpoint_suffix
-from dmf_export.triton import (DEFAULT_INSTANCES, DEFAULT_THREADS, EPISODE_MODEL, TritonRunner,
-                               TritonServer, find_distribution, model_path, write_repository)
+from dmf_export.triton import (DEFAULT_INSTANCES, DEFAULT_THREADS, EPISODE_MODEL, TritonServer,
+                               find_distribution, model_name, model_path, repository_models,
+                               write_repository)
+from dmf_export.triton.remote import open_server
 
 # the artifact formats a repository can hold
 VARIANT_FORMATS = {module.FORMAT.name: module.FORMAT for module in (onnx, torchscript, tensorrt)}
@@ -106,17 +108,22 @@ class Triton(Format):
     def open(self, path: Path, info: ArtifactInfo, run: RunOptions) -> Runner:
         if torch.device(run.device).type != "cpu" or run.provider != "cpu":
             raise DMFExportError(f"{path}: the Triton server from the wheel runs on the CPU")
-        server = TritonServer(path, models=[EPISODE_MODEL]).start()
+        # the python-backend models (what the wheel serves): the episode, and with a split
+        # repository the encoder and the head, so that features can be encoded apart
+        served = repository_models(path)
+        split = [model_name(g, "python") for g in ("encoder", "head")]
+        models = [EPISODE_MODEL] + (split if all(m in served for m in split) else [])
+        server = TritonServer(path, models=models).start()
         atexit.register(server.stop)  # if the runner is never closed
         resources = contextlib.ExitStack()
         resources.callback(server.stop)
         try:
-            client = TritonRunner(server, EPISODE_MODEL, precision=info.precision)
+            remote = open_server([server.url("http")])
         except BaseException:
             resources.close()
             raise
-        resources.callback(client.close)  # closed first, while the server still answers
-        return Runner(path, info, self.name, {"episode": client}, close=resources.close)
+        resources.callback(remote.close)  # closed first, while the server still answers
+        return Runner(path, info, self.name, remote.graphs, close=resources.close)
 
 
 FORMAT = Triton()

@@ -48,9 +48,11 @@ class TritonRunner:
         else:
             self.client = client.InferenceServerClient(url)
 
-    def infer(self, inputs: dict[str, np.ndarray], outputs=EPISODE_OUTPUTS) -> list[np.ndarray]:
-        """Send named arrays as one request; the named outputs as arrays (raises
-        tritonclient's InferenceServerException on an error response)."""
+    def infer(self, inputs: dict[str, np.ndarray], outputs=EPISODE_OUTPUTS,
+              model: str | None = None) -> list[np.ndarray]:
+        """Send named arrays as one request to ``model`` (default the runner's); the named
+        outputs as arrays (raises tritonclient's InferenceServerException on an error
+        response, the socket's errors on a broken connection)."""
         client = self._client_module
         requests = []
         for name, array in inputs.items():
@@ -59,7 +61,7 @@ class TritonRunner:
             requests.append(tensor)
         wanted = [client.InferRequestedOutput(name) for name in outputs]
         kwargs = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
-        result = self.client.infer(self.model, requests, outputs=wanted, **kwargs)
+        result = self.client.infer(model or self.model, requests, outputs=wanted, **kwargs)
         return [result.as_numpy(name) for name in outputs]
 
     def __call__(self, support, support_labels, query):

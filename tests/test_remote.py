@@ -1,0 +1,209 @@
+"""``--server``: Triton servers the user runs, spoken to by ``triton.remote.open_server``.
+
+The servers are real (the nvidia-pytriton wheel's tritonserver, started here on free
+loopback ports, apart from the runner that talks to them); the reference is the eager
+model of the checkpoint the repository was exported from. The repository is the session's
+split Triton repository (``triton_split_repository`` in conftest), so the encoder and head
+models are served too. Skips as tests/test_triton.py does where the wheel cannot run.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+import torch
+from cli_helpers import one_error_line, run_cli
+
+from dmf_export.contract import EpisodeSize, make_episode
+from dmf_export.errors import DMFExportError
+from dmf_export.formats import open_artifact
+from dmf_export.triton import EPISODE_MODEL, TritonServer, find_distribution, free_ports, glibc_version
+from dmf_export.triton.remote import open_server
+
+http = pytest.importorskip("tritonclient.http", reason="tritonclient not installed (pip install 'dmf-export[serve]')")
+pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] not installed")
+
+IMAGE = 32  # conftest's EXPORT_IMAGE: 4×4 features, cheap for the python backend on 2 cores
+TIMEOUT = 60.0
+
+
+@pytest.fixture(scope="module")
+def server_env():
+    glibc = glibc_version()
+    if glibc is None or glibc < (2, 35):
+        pytest.skip(f"the nvidia-pytriton server needs glibc ≥ 2.35 (this machine: {glibc})")
+    try:
+        find_distribution()  # $DMF_TRITON_ENV (conftest sets it to .venv-triton where CI made one)
+    except DMFExportError as err:
+        if os.environ.get("CI"):
+            raise  # CI installs the server environment: missing it is a failure, not a skip
+        pytest.skip(str(err))
+
+
+@pytest.fixture(scope="module")
+def split_repo(triton_split_repository):
+    return triton_split_repository
+
+
+@pytest.fixture(scope="module")
+def reference(split_repo, eager):
+    model = eager(split_repo[0])
+
+    def scores(*episode):
+        with torch.inference_mode():
+            return model(*episode)
+
+    return scores
+
+
+@pytest.fixture(scope="module")
+def server(split_repo, server_env):
+    with TritonServer(split_repo[1]) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def second_server(split_repo, server_env):
+    """The fleet's second member; the module's last test kills it (a server start saved)."""
+    with TritonServer(split_repo[1], exit_timeout=2) as running:
+        yield running
+
+
+def episodes(count: int, size=EpisodeSize(5, 1, 3)):
+    return [make_episode(size, IMAGE, seed=40 + i) for i in range(count)]
+
+
+def assert_matches(scores, expected):
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(scores.argmax(1), expected.argmax(1))
+
+
+def _served_count(server, model=EPISODE_MODEL) -> int:
+    """The server's own count of successful requests for ``model``."""
+    client = http.InferenceServerClient(server.url("http"))
+    try:
+        return client.get_inference_statistics(model)["model_stats"][0]["inference_stats"]["success"]["count"]
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_two_clients_from_two_threads_get_the_eager_models_scores(server, reference, protocol):
+    runner = open_server([server.url(protocol)], protocol=protocol, timeout=TIMEOUT)
+    try:
+        assert runner.info.image_size == IMAGE and runner.info.precision == "fp32"
+        assert runner.splittable  # the split repository's encoder and head are served too
+        work = episodes(4)
+        answers = [None] * len(work)
+
+        def client(index):
+            for k in range(index, len(work), 2):
+                answers[k] = runner(*work[k])
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT)
+        for episode, scores in zip(work, answers):
+            assert scores is not None
+            assert_matches(scores, reference(*episode))
+        support, labels, query = work[0]
+        features = runner.encode(torch.cat([support, query]))
+        assert features.shape == (support.shape[0] + query.shape[0], 640, 4, 4)
+        assert_matches(runner.head(features[:len(support)], labels, features[len(support):]),
+                       reference(*work[0]))
+    finally:
+        runner.close()
+
+
+def test_two_servers_as_a_fleet_share_the_requests_and_answer_alike(server, second_server, reference):
+    before = [_served_count(s) for s in (server, second_server)]
+    runner = open_server([server.url("http"), second_server.url("http")], timeout=TIMEOUT)
+    try:
+        work = episodes(4)
+        for episode in work:
+            assert_matches(runner(*episode), reference(*episode))
+    finally:
+        runner.close()
+    # round robin per request: two each
+    assert [_served_count(s) - b for s, b in zip((server, second_server), before)] == [2, 2]
+
+
+def test_a_fleet_whose_servers_serve_different_models_is_refused_in_one_line(server, second_server):
+    control = http.InferenceServerClient(second_server.url("http"))
+    control.unload_model("dmf_encoder_python")
+    try:
+        with pytest.raises(DMFExportError, match=r"must serve the same repository") as error:
+            open_server([server.url("http"), second_server.url("http")], timeout=TIMEOUT)
+        assert "\n" not in str(error.value)
+        # and a server without the episode model is not ours to ask
+        control.unload_model(EPISODE_MODEL)
+        code, output = run_cli("verify", "-c", "unused.pth.tar", "--server", second_server.url("http"))
+        line = one_error_line(output)
+        assert code == 2 and "serves no model 'dmf' (it serves: dmf_head_python)" in line, line
+    finally:
+        control.load_model(EPISODE_MODEL)
+        control.load_model("dmf_encoder_python")
+        control.close()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_an_unreachable_port_is_one_line(protocol):
+    (port,) = free_ports(1)
+    with pytest.raises(DMFExportError, match=rf"^{protocol}://127.0.0.1:{port}: connection refused"):
+        open_server([f"127.0.0.1:{port}"], protocol=protocol, timeout=5)
+    code, output = run_cli("bench", "-c", "unused.pth.tar", "--server", f"127.0.0.1:{port}",
+                           "--protocol", protocol, "--no-eager", "--no-backbone")
+    assert code == 2 and "connection refused" in one_error_line(output)
+
+
+@pytest.mark.parametrize("url", ["localhost", "localhost:http", "127.0.0.1:70000", ":8000"])
+def test_a_server_address_must_be_host_and_port(url):
+    with pytest.raises(DMFExportError, match="expected HOST:PORT"):
+        open_server([url])
+
+
+def test_verify_against_a_running_server_end_to_end(server, split_repo):
+    code, output = run_cli("verify", "-c", split_repo[0], "--server", server.url("grpc"), "--protocol", "grpc",
+                           "--clients", "2", "--sizes", "3w1s2q,2w2s1q")
+    assert code == 0 and "PASS: triton fp32, 2 episode sizes" in output, output
+
+
+def test_a_local_split_repository_runs_its_encoder_and_head(split_repo, server_env, reference):
+    runner = open_artifact(split_repo[1])
+    try:
+        assert runner.splittable
+        support, labels, query = episodes(1)[0]
+        features = runner.encode(torch.cat([support, query]))
+        assert_matches(runner.head(features[:len(support)], labels, features[len(support):]),
+                       reference(support, labels, query))
+        assert_matches(runner(support, labels, query), reference(support, labels, query))
+    finally:
+        runner.close()
+
+
+# last: it kills second_server
+def test_a_server_killed_mid_run_ends_the_run_in_one_line(second_server):
+    runner = open_server([second_server.url("http")], timeout=TIMEOUT)
+    answered, failures = [], []
+
+    def run():
+        try:
+            for episode in episodes(50):
+                answered.append(runner(*episode))
+                if len(answered) == 2:
+                    os.killpg(second_server.process.pid, signal.SIGKILL)
+        except DMFExportError as err:
+            failures.append(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(TIMEOUT)
+    runner.close()
+    assert len(answered) == 2 and len(failures) == 1, (len(answered), failures)
+    message = str(failures[0])
+    assert message.startswith(f"http://{second_server.url('http')}: ") and "\n" not in message
+    assert "mid-run" in message, message
