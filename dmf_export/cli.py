@@ -334,8 +334,6 @@ def bench(artifacts, checkpoint, sizes, repeats, threads, no_eager, no_backbone,
       dmf-export bench m.onnx m.encoder.onnx m.ts -c m.pth.tar --sizes 5w1s75q,5w5s75q --threads 2
       dmf-export bench -c m.pth.tar --server gpu1:8000 --server gpu2:8000 --clients 8 --no-eager
     """
-    if not artifacts and not servers:
-        raise DMFExportError("give ARTIFACTS to time, or --server HOST:PORT")
     rows = run_bench(checkpoint, artifacts, sizes, repeats=repeats, eager=not no_eager,
                      backbone=not no_backbone, provider=provider, device=device, threads=threads,
                      cuda_graph=cuda_graph, tf32=tf32, servers=servers, protocol=protocol,
