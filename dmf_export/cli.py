@@ -137,6 +137,14 @@ def _server_options(fn):
     return fn
 
 
+def _check_server_options(servers, protocol, timeout, clients) -> None:
+    """--protocol, --timeout and --clients say how to talk to --server: refused without one."""
+    given = [flag for flag, value, default in (("--protocol", protocol, "http"), ("--timeout", timeout, DEFAULT_TIMEOUT),
+                                               ("--clients", clients, 1)) if value != default]
+    if given and not servers:
+        raise DMFExportError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to --server HOST:PORT")
+
+
 def _report_option(what: str):
     def check(ctx, param, value):
         if value is not None:  # before minutes of work: matplotlib there, the folder usable
@@ -291,6 +299,7 @@ def verify(artifact, checkpoint, servers, protocol, timeout, clients, provider, 
     Example, against a running server (a dmf-export repository):
       dmf-export verify -c model.pth.tar --server gpu1:8000 --server gpu2:8000 --clients 4
     """
+    _check_server_options(servers, protocol, timeout, clients)
     if servers and (provider != "cpu" or device != "cpu" or cuda_graph or tf32):
         raise DMFExportError("--provider, --device, --cuda-graph and --tf32 choose how an ARTIFACT runs "
                              "here; with --server the server runs it")
@@ -334,6 +343,7 @@ def bench(artifacts, checkpoint, sizes, repeats, threads, no_eager, no_backbone,
       dmf-export bench m.onnx m.encoder.onnx m.ts -c m.pth.tar --sizes 5w1s75q,5w5s75q --threads 2
       dmf-export bench -c m.pth.tar --server gpu1:8000 --server gpu2:8000 --clients 8 --no-eager
     """
+    _check_server_options(servers, protocol, timeout, clients)
     rows = run_bench(checkpoint, artifacts, sizes, repeats=repeats, eager=not no_eager,
                      backbone=not no_backbone, provider=provider, device=device, threads=threads,
                      cuda_graph=cuda_graph, tf32=tf32, servers=servers, protocol=protocol,

@@ -166,6 +166,12 @@ def test_a_server_address_must_be_host_and_port(url):
         open_server([url])
 
 
+@pytest.mark.parametrize("command", ["verify", "bench"])
+def test_how_to_talk_to_a_server_is_refused_without_one(command, tmp_path):
+    code, output = run_cli(command, tmp_path / "x.onnx", "-c", tmp_path / "x.pth.tar", "--clients", "2")
+    assert code == 2 and "--clients applies to --server HOST:PORT" in one_error_line(output)
+
+
 def test_verify_against_a_running_server_end_to_end(server, split_repo):
     code, output = run_cli("verify", "-c", split_repo[0], "--server", server.url("grpc"), "--protocol", "grpc",
                            "--clients", "2", "--sizes", "3w1s2q,2w2s1q")

@@ -98,6 +98,8 @@ class _Server:
         self.closed = False
 
     def client(self, precision: str = "fp32") -> TritonRunner:
+        if self.closed:
+            raise DMFExportError(f"{self.where}: the runner is closed")
         runner = getattr(self._local, "runner", None)
         if runner is None:
             with self._lock:
