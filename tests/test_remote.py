@@ -160,6 +160,18 @@ def test_an_unreachable_port_is_one_line(protocol):
     assert code == 2 and "connection refused" in one_error_line(output)
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_request_past_the_timeout_is_one_line(server, protocol):
+    # a millisecond: the checks when it opens or the episode itself run past it
+    with pytest.raises(DMFExportError, match=rf"^{protocol}://{server.url(protocol)}: no answer within 0.001 s "
+                                             r"\(--timeout\)$"):
+        runner = open_server([server.url(protocol)], protocol=protocol, timeout=0.001)
+        try:
+            runner(*make_episode(EpisodeSize(5, 5, 20), IMAGE, seed=1))
+        finally:
+            runner.close()
+
+
 @pytest.mark.parametrize("url", ["localhost", "localhost:http", "127.0.0.1:70000", ":8000"])
 def test_a_server_address_must_be_host_and_port(url):
     with pytest.raises(DMFExportError, match="expected HOST:PORT"):
