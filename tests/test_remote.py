@@ -89,9 +89,9 @@ def _served_count(server, model=EPISODE_MODEL) -> int:
         client.close()
 
 
-@pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_two_clients_from_two_threads_get_the_eager_models_scores(server, reference, protocol):
-    runner = open_server([server.url(protocol)], protocol=protocol, timeout=TIMEOUT)
+def test_two_clients_from_two_threads_get_the_eager_models_scores(server, reference):
+    # over HTTP; gRPC's answers are checked by verify end to end below
+    runner = open_server([server.url("http")], timeout=TIMEOUT)
     try:
         assert runner.info.image_size == IMAGE and runner.info.precision == "fp32"
         assert runner.splittable  # the split repository's encoder and head are served too
