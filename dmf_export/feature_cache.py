@@ -147,17 +147,19 @@ def plan(episodes: Sequence[Episode], capacity: int, overflow: str = "spill") ->
             if image in stored:
                 continue
             (step.read if image in spilled else step.encode).append(image)
+        # the hits' next uses first, so that the choice of a victim below sees them
+        hits = {image for image in images if image in stored}
+        for image in (i for i in images if i in hits):
+            after = following[image]
+            if after == NEVER:
+                del stored[image]
+                step.after.append(("drop", image))
+            else:
+                stored[image] = after
+                heapq.heappush(heap, (-after, image))
         for image in images:
             after = following[image]
-            if image in stored:
-                if after == NEVER:
-                    del stored[image]
-                    step.after.append(("drop", image))
-                else:
-                    stored[image] = after
-                    heapq.heappush(heap, (-after, image))
-                continue
-            if after == NEVER:
+            if image in hits or after == NEVER:
                 continue
             if len(stored) >= capacity:
                 worst = furthest()
