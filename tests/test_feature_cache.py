@@ -19,7 +19,7 @@ from dmf_export.data import Episode
 from dmf_export.feature_cache import ENCODE_BATCH, encode_fixed, plan
 from fewshot_data import PICKLE_NAMES, original_episodes, original_pickle_index, write_folders, write_pickle
 
-EPISODES, QUERIES = 12, 2  # 5-way 1-shot, 2 queries per class: 15 images an episode, 60 images
+EPISODES, QUERIES = 6, 2  # 5-way 1-shot, 2 queries per class: 15 images an episode, of 60
 
 pytestmark = pytest.mark.usefixtures("two_threads")
 
@@ -34,7 +34,7 @@ def split_models(exported):
 
 @pytest.fixture(scope="module")
 def pickle_root(tmp_path_factory):
-    # 12 classes × 5 images: each image drawn about 3 times in 12 episodes
+    # 12 classes × 5 images: each image drawn about 1.5 times in 6 episodes
     return write_pickle(tmp_path_factory.mktemp("pickle"), classes=12, images=5, size=EXPORT_IMAGE)
 
 
@@ -103,18 +103,18 @@ def test_a_cap_smaller_than_the_split_gives_the_same_digits(split_models, pickle
 
 
 def test_image_folders_cached_and_uncached_agree(split_models, tmp_path):
-    # image files go through Resize 92 / CenterCrop 84: the checkpoint runs at 84×84
-    root = write_folders(tmp_path, classes=6, images=3, size=40)
+    # --cifar: image files used at their stored size (no resize or crop), 32×32 as exported
+    root = write_folders(tmp_path, classes=6, images=3, size=EXPORT_IMAGE)
 
     def evaluate(*extra):
-        code, output = run_cli("evaluate", split_models["eager"], "--data", root, "--episodes", 3,
-                               "--queries-per-class", 1, "--threads", 2, "--json", "--no-progress",
-                               *extra)
+        code, output = run_cli("evaluate", split_models["onnx"], "--data", root, "--cifar",
+                               "--episodes", 3, "--queries-per-class", 1, "--threads", 2, "--json",
+                               "--no-progress", *extra)
         assert code == 0, output
         return json.loads(output)
 
     cached, uncached = evaluate(), evaluate("--no-feature-cache")
-    assert _figures(cached, split_models["eager"])[:2] == _figures(uncached, split_models["eager"])[:2]
+    assert _figures(cached, split_models["onnx"])[:2] == _figures(uncached, split_models["onnx"])[:2]
     assert cached["layout"] == "folders"
     assert cached["models"][0]["feature_cache"]["used"] is True
 
