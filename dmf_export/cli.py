@@ -22,6 +22,7 @@ from dmf_export.data import MAX_WORKERS, PREFETCH_EPISODES
 from dmf_export.evaluate import describe, printable
 from dmf_export.evaluate import evaluate as run_evaluate
 from dmf_export.evaluate import predict as run_predict
+from dmf_export.feature_cache import DEFAULT_CAP_MB_MAX, OVERFLOWS
 from dmf_export.export import SOLVERS, ExportOptions, export_checkpoint, format_options
 from dmf_export.formats.base import MAX_THREADS, Option
 from dmf_export.triton import TritonServer, serve_forever, write_repository
@@ -143,6 +144,22 @@ def _check_server_options(servers, protocol, timeout, clients) -> None:
                                                ("--clients", clients, 1)) if value != default]
     if given and not servers:
         raise DMFExportError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to --server HOST:PORT")
+
+
+def _cache_options(fn):
+    """--feature-cache/--no-feature-cache, --cache-mb, --cache-overflow (evaluate)."""
+    fn = click.option("--cache-overflow", default="spill", show_default=True,
+                      type=click.Choice(OVERFLOWS),
+                      help="Features beyond --cache-mb: written to a memory-mapped file in a "
+                           "temporary folder (removed at the end) and read back, or encoded again.")(fn)
+    fn = click.option("--cache-mb", type=click.FloatRange(min=0),
+                      help="Memory for cached features, MB, shared by the cached models (default: "
+                           f"min(25% of available memory, {DEFAULT_CAP_MB_MAX} MB); 84×84 images "
+                           "take 0.31 MB each).")(fn)
+    fn = click.option("--feature-cache/--no-feature-cache", default=True, show_default=True,
+                      help="Encode each distinct image once (checkpoints, split exports, servers "
+                           "with a split repository) and run the head per episode on its features.")(fn)
+    return fn
 
 
 def _report_option(what: str):
@@ -445,7 +462,7 @@ def _runner_options(fn):
 
 
 @main.command()
-@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.argument("models", nargs=-1, type=click.Path())
 @click.option("--data", "data_root", required=True, type=click.Path(file_okay=False),
               help="Dataset root: the miniImageNet pickles, or {train,val,test}/<class>/<image>.")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]),
@@ -473,9 +490,11 @@ def _runner_options(fn):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report with per-episode figures.")
 @_report_option("accuracy, per-class accuracy, confusion matrix, the hardest queries as pictures, "
                 "where models disagree")
+@_cache_options
+@_server_options
 def evaluate(models, data_root, split, episodes, way, shot, queries_per_class, layout, seed,
              all_images, cifar, workers, image_size, provider, device, threads, progress, as_json,
-             report_dir):
+             report_dir, feature_cache, cache_mb, cache_overflow, servers, protocol, timeout, clients):
     """The original's test protocol on each of MODELS (checkpoints run eagerly, or any
     artifact): prints test.py's `Accuracy: …%, ci95: …%` for each.
 
@@ -487,19 +506,34 @@ def evaluate(models, data_root, split, episodes, way, shot, queries_per_class, l
     Examples:
       dmf-export evaluate 1shot.pth.tar --data miniImageNet_pickle
       dmf-export evaluate 5shot.pth.tar 5shot.onnx --data tiered_imagenet --shot 5 --threads 8
+      dmf-export evaluate --server gpu1:8000 --server gpu2:8000 --clients 4 --data mini
+
+    \b
+    Checkpoints, split exports (--graph split) and servers with a split repository encode
+    each distinct image once and run the head per episode on the cached features (their
+    first episode is also run uncached and must give the same scores to the bit, else that
+    model runs uncached and says why). Whole-episode artifacts run uncached.
+    With --server, MODELS is empty: the served models are evaluated; a failure mid-run
+    ends in one line, and --json still reports the episodes completed so far.
     """
+    _check_server_options(servers, protocol, timeout, clients)
     report = run_evaluate(models, data_root, split=split, layout=layout, episodes=episodes, way=way,
                           shot=shot, queries_per_class=queries_per_class, seed=seed, cifar=cifar,
                           all_images=all_images, provider=provider, device=device, threads=threads,
                           workers=workers, progress=progress, image_size=image_size,
+                          cache=feature_cache, cache_mb=cache_mb, cache_overflow=cache_overflow,
+                          servers=servers, protocol=protocol, timeout=timeout, clients=clients,
                           log=(lambda _: None) if as_json else _log)
     figures = report.to_dict() if as_json or report_dir is not None else None
     if as_json:
         click.echo(json.dumps(figures, indent=2))
-    else:
+    elif report.episode_classes:
         _print_accuracy(report)
-    if report_dir is not None:
+    if report_dir is not None and report.error is None:
         _wrote_report(pages.write_evaluation_report(report_dir, figures, report.pixels))
+    if report.error is not None:
+        raise DMFExportError(f"{report.error} (after {len(report.episode_classes)} of "
+                             f"{report.episodes} episodes)")
 
 
 def _print_accuracy(report) -> None:

@@ -7,6 +7,7 @@ accuracies in float32 as its numpy computed them).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -19,16 +20,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dmf_export import sniff
+from dmf_export import feature_cache, sniff
 from dmf_export.checkpoint import inspect_checkpoint, load_checkpoint
-from dmf_export.contract import DEFAULT_IMAGE_SIZE, check_episode
+from dmf_export.contract import DEFAULT_IMAGE_SIZE, check_episode, check_images
 from dmf_export.data import (
-    ORIGINAL_SEED, describe_skipped, draw_episodes, iterate_episodes, one_hot, open_split,
-    preprocessing_for, query_files, read_images, support_folders,
+    ORIGINAL_SEED, describe_skipped, draw_episodes, iterate_episodes, load_episode, one_hot,
+    open_split, prefetched, preprocessing_for, query_files, read_images, support_folders,
 )
 from dmf_export.errors import DMFExportError, summarize
 from dmf_export.formats import for_path, open_artifact, read_info
 from dmf_export.formats._torch import ExactFloat32, check_device
+from dmf_export.triton.remote import DEFAULT_TIMEOUT, MAX_CLIENTS, open_server
 
 CHECKPOINT_SUFFIXES = (".pth", ".pth.tar", ".tar", ".pt")
 PREDICT_BATCH = 75  # queries per call: one test episode's worth
@@ -69,6 +71,7 @@ class EagerRunner:
 
     backend = "eager"
     info = None
+    splittable = True  # model.base encodes, model.head scores features
 
     def __init__(self, path, device: str = "cpu", image_size: int = DEFAULT_IMAGE_SIZE):
         check_device(device)
@@ -76,14 +79,32 @@ class EagerRunner:
         self.image_size = image_size
         self.model = load_checkpoint(path).to(self.device)
 
+    def _exact(self):
+        # PyTorch 1.4, which test.py ran on, had no TF32: keep a GPU's convolutions IEEE fp32
+        return ExactFloat32() if self.device.type == "cuda" else contextlib.nullcontext()
+
     @torch.inference_mode()
     def __call__(self, support, support_labels, query):
         support, support_labels, query = (torch.as_tensor(t) for t in (support, support_labels, query))
         check_episode(support, support_labels, query, image_size=self.image_size)
-        # PyTorch 1.4, which test.py ran on, had no TF32: keep a GPU's convolutions IEEE fp32
         args = [t.to(self.device) for t in (support, support_labels, query)]
-        with ExactFloat32() if self.device.type == "cuda" else contextlib.nullcontext():
+        with self._exact():
             return self.model(*args)
+
+    @torch.inference_mode()
+    def encode(self, images) -> torch.Tensor:
+        """The backbone's features ``[N, 640, h, w]`` (the eager model's ``base``)."""
+        images = torch.as_tensor(images)
+        check_images(images, image_size=self.image_size)
+        with self._exact():
+            return self.model.base(images.to(self.device))
+
+    @torch.inference_mode()
+    def head(self, support_features, support_labels, query_features) -> torch.Tensor:
+        """Scores from features (the eager model's ``head``, with its feature checks)."""
+        args = [torch.as_tensor(t).to(self.device) for t in (support_features, support_labels, query_features)]
+        with self._exact():
+            return self.model.head(*args)
 
 
 def open_model(path, *, provider: str = "cpu", device: str = "cpu", threads: int | None = None,
@@ -216,7 +237,11 @@ class ModelResult:
     queries: int                   # per episode
     correct: list[int] = dataclasses.field(default_factory=list)  # per episode
     predictions: list[list[int]] = dataclasses.field(default_factory=list)  # per episode, per query
-    seconds: float = 0.0           # in the model's calls
+    seconds: float = 0.0           # in the model's calls (encoder and head, or episodes)
+    encode_seconds: float = 0.0    # cached: in the encoder
+    head_seconds: float = 0.0      # cached: in the head
+    # the feature cache's figures (whether it ran, why not, hits, encodes, spills, peak MB)
+    feature_cache: dict = dataclasses.field(default_factory=dict)
     # per episode, per query: the best other class's score − the true class's (> 0: wrong)
     margins: list[np.ndarray] = dataclasses.field(default_factory=list)
 
@@ -279,6 +304,7 @@ class Evaluation:
     setup_seconds: float = 0.0     # reading the split's index or pickle, sampling episodes
     data_seconds: float = 0.0      # decoding + preprocessing, summed over the workers
     data_wait_seconds: float = 0.0  # the evaluation loop waiting for the next episode
+    error: str | None = None       # why the run ended before its last episode (a server died)
     # the episodes as drawn, and the split and preprocessing they came from: the hardest
     # queries' images (never in to_dict; a report reads their pixels through ``pixels``)
     draws: list = dataclasses.field(default_factory=list, repr=False)
@@ -294,8 +320,11 @@ class Evaluation:
             "episodes": self.episodes, "way": self.way, "shot": self.shot,
             "queries_per_class": self.queries_per_class, "seed": self.seed,
             "normalization": self.normalization,
+            "episodes_completed": len(self.episode_classes), "error": self.error,
             "models": [{"path": r.path, "backend": r.backend, "accuracy": r.accuracy,
                         "ci95": r.ci95, "seconds": r.seconds,
+                        "encode_seconds": r.encode_seconds, "head_seconds": r.head_seconds,
+                        "feature_cache": r.feature_cache,
                         "episodes_per_second": len(r.correct) / r.seconds if r.seconds else None}
                        for r in self.models],
             "agreement": [dataclasses.asdict(a) for a in self.agreements()],
@@ -304,7 +333,12 @@ class Evaluation:
                        "data_wait_seconds": self.data_wait_seconds,
                        "data_share": self.data_seconds / run if run > 0 else None,
                        "data_wait_share": self.data_wait_seconds / run if run > 0 else None,
-                       "episodes_per_second": self.episodes / run if run > 0 else None},
+                       # the cached path's split of the models' time: encoder, head
+                       "encode_seconds": sum(r.encode_seconds for r in self.models),
+                       "head_seconds": sum(r.head_seconds for r in self.models),
+                       "encode_share": sum(r.encode_seconds for r in self.models) / run if run > 0 else None,
+                       "head_share": sum(r.head_seconds for r in self.models) / run if run > 0 else None,
+                       "episodes_per_second": len(self.episode_classes) / run if run > 0 else None},
             "per_episode": [
                 {"episode": index, "classes": classes,
                  "correct": {r.path: r.correct[index] for r in self.models},
@@ -405,20 +439,39 @@ def evaluate(paths: Sequence, data_root, *, split: str = "test", layout: str | N
              seed: int = ORIGINAL_SEED, cifar: bool = False, all_images: bool = False,
              provider: str = "cpu", device: str = "cpu", threads: int | None = None,
              workers: int = 2, progress: bool | None = None, image_size: int | None = None,
-             log: Callable[[str], None] = lambda _: None) -> Evaluation:
-    """Every model in ``paths`` on the same ``episodes`` of ``split``, as test.py runs them
-    (each episode is decoded once and given to every model in turn). Episodes are drawn
-    as they are consumed, a fixed number ahead (``data.PREFETCH_EPISODES``), so memory
-    does not grow with ``episodes`` or ``workers`` (beyond the per-episode figures kept
-    for the report). ``image_size``: what a checkpoint runs at (default 84, or 32 with
-    ``cifar``); artifacts run at their own and refuse any other, as a checkpoint does."""
-    if not paths:
-        raise DMFExportError("give at least one checkpoint or artifact")
+             cache: bool = True, cache_mb: float | None = None, cache_overflow: str = "spill",
+             servers: Sequence[str] = (), protocol: str = "http", timeout: float = DEFAULT_TIMEOUT,
+             clients: int = 1, log: Callable[[str], None] = lambda _: None) -> Evaluation:
+    """Every model in ``paths`` (or the models served at ``servers``) on the same
+    ``episodes`` of ``split``, as test.py runs them. ``image_size``: what a checkpoint runs
+    at (default 84, or 32 with ``cifar``); artifacts run at their own and refuse any other.
+
+    A model whose encoder and head run apart (a checkpoint, a split export, a server with
+    both) encodes each distinct image once (``feature_cache``; ``cache`` False: not);
+    ``cache_mb`` caps the features held in memory (default ``feature_cache.default_cap_mb``),
+    beyond it they are spilled to a temporary file or encoded again (``cache_overflow``).
+    Its first episode is also run uncached: if the scores differ in any bit (an encoder
+    whose arithmetic depends on the batch), that model runs uncached and says so.
+    A whole-episode model decodes each episode (``data.PREFETCH_EPISODES`` ahead).
+    The episode list is drawn first and kept (the report keeps it anyway: ~1 KB an episode).
+    A model failing mid-run (a server that dies) ends the run with ``error`` set and the
+    episodes completed so far in the figures. ``clients``: requests in flight (servers)."""
+    if servers and paths:
+        raise DMFExportError("--server evaluates the served models: give no model paths with it "
+                             "(evaluate local models in a run of their own)")
+    if not paths and not servers:
+        raise DMFExportError("give at least one checkpoint or artifact, or --server")
     if episodes < 1:
         raise DMFExportError(f"--episodes must be ≥ 1 (got {episodes})")
+    if not 1 <= clients <= MAX_CLIENTS:
+        raise DMFExportError(f"--clients must be between 1 and {MAX_CLIENTS} (got {clients})")
+    if cache_mb is not None and cache_mb < 0:
+        raise DMFExportError(f"--cache-mb must be ≥ 0 (got {cache_mb})")
+    if cache_overflow not in feature_cache.OVERFLOWS:
+        raise DMFExportError(f"--cache-overflow: choose from {', '.join(feature_cache.OVERFLOWS)}")
     start = time.perf_counter()
     data = open_split(data_root, split, layout, all_images)
-    drawn = draw_episodes(data, episodes, way, shot, queries_per_class, seed)
+    drawn = list(draw_episodes(data, episodes, way, shot, queries_per_class, seed))
     log(f"{data.where}: {len(data.class_ids)} classes, {len(data)} images ({data.layout}); "
         f"{episodes} episodes of {way}-way {shot}-shot, {queries_per_class} queries per class, "
         f"seed {seed}")
@@ -426,8 +479,12 @@ def evaluate(paths: Sequence, data_root, *, split: str = "test", layout: str | N
     if warning:
         log(f"Warning: {data.where}: {warning}")
     size = checkpoint_image_size(image_size, cifar)
-    runners = [open_model(p, provider=provider, device=device, threads=threads, image_size=size)
-               for p in paths]
+    if servers:
+        runners = [open_server(list(servers), protocol=protocol, timeout=timeout)]
+        paths = [", ".join(servers)]
+    else:
+        runners = [open_model(p, provider=provider, device=device, threads=threads, image_size=size)
+                   for p in paths]
     preprocessing = preprocessing_for(cifar)
     results = [ModelResult(str(p), getattr(r, "backend", "?"), way * queries_per_class)
                for p, r in zip(paths, runners)]
@@ -435,34 +492,216 @@ def evaluate(paths: Sequence, data_root, *, split: str = "test", layout: str | N
                             queries_per_class, seed, "cifar-fs" if cifar else "imagenet", results,
                             [])
     evaluation.source = (data, preprocessing)
+    evaluation.draws = drawn
+    first = load_episode(data, drawn[0], preprocessing)
+    for path, runner in zip(paths, runners):
+        _check_image_size(path, runner, first.query)
+    cached = _choose_cached(paths, runners, results, first, cache, log)
     evaluation.setup_seconds = time.perf_counter() - start
-    stream = iterate_episodes(data, drawn, preprocessing, workers)
     bar = _Progress(episodes, progress)
     right = 0
-    with contextlib.closing(stream), contextlib.closing(bar):
-        for index in range(episodes):
-            waited = time.perf_counter()
-            tensors = next(stream)
-            evaluation.data_wait_seconds += time.perf_counter() - waited
-            evaluation.data_seconds += tensors.load_seconds
-            evaluation.episode_classes.append(
-                [data.class_names.get(c, str(c)) for c in tensors.episode.classes])
-            evaluation.draws.append(tensors.episode)
-            for path, runner, result in zip(paths, runners, results):
-                if index == 0:
-                    _check_image_size(path, runner, tensors.query)
-                began = time.perf_counter()
-                scores = _scores(path, runner, tensors.support, tensors.support_labels,
-                                 tensors.query, f"episode {index}")
-                result.seconds += time.perf_counter() - began
-                predicted = scores.argmax(1)
-                result.predictions.append(predicted.tolist())
-                result.correct.append(int((predicted == tensors.query_labels).sum()))
-                result.margins.append(_margins(scores, tensors.query_labels))
-            right += results[0].correct[-1]  # a running sum: the figures' own are O(episodes)
-            bar.update(right / ((index + 1) * results[0].queries))
+    in_flight = clients if servers else 1
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(contextlib.closing(bar))
+            jobs = _episode_jobs(evaluation, data, drawn, preprocessing, paths, runners, results,
+                                 cached, workers, cache_mb, cache_overflow, stack, log)
+            if in_flight > 1:  # up to ``clients`` episodes' requests in flight, taken in order
+                stream = prefetched(((lambda job=job: (job[0], job[1], [fn() for fn in job[2]]))
+                                     for job in jobs), in_flight, in_flight)
+            else:
+                stream = ((index, labels, [fn() for fn in fns]) for index, labels, fns in jobs)
+            stack.enter_context(contextlib.closing(stream))
+            for index, query_labels, all_scores in stream:
+                episode = drawn[index]
+                for result, scores in zip(results, all_scores):
+                    predicted = scores.argmax(1)
+                    result.predictions.append(predicted.tolist())
+                    result.correct.append(int((predicted == query_labels).sum()))
+                    result.margins.append(_margins(scores, query_labels))
+                evaluation.episode_classes.append(
+                    [data.class_names.get(c, str(c)) for c in episode.classes])
+                right += results[0].correct[-1]  # a running sum: the figures' own are O(episodes)
+                bar.update(right / ((index + 1) * results[0].queries))
+    except DMFExportError as err:
+        if not evaluation.episode_classes:
+            raise
+        evaluation.error = str(err)
+        for result in results:  # a model may have scored an episode the others did not
+            del result.correct[len(evaluation.episode_classes):]
+            del result.predictions[len(evaluation.episode_classes):]
+            del result.margins[len(evaluation.episode_classes):]
     evaluation.wall_seconds = time.perf_counter() - start
     return evaluation
+
+
+def _choose_cached(paths, runners, results, first, cache: bool, log) -> list[int]:
+    """The models that run on cached features: splittable ones, unless ``cache`` is off or
+    their first episode's scores through the cache differ from their own call's."""
+    chosen = []
+    for k, (path, runner, result) in enumerate(zip(paths, runners, results)):
+        if not cache:
+            result.feature_cache = {"used": False, "reason": "--no-feature-cache"}
+            continue
+        if not getattr(runner, "splittable", False):
+            reason = ("a whole-episode graph (its input is images, not features): each episode "
+                      "encodes its images (export with --graph split to encode each image once)")
+            log(f"{path}: uncached, {reason}")
+            result.feature_cache = {"used": False, "reason": reason}
+            continue
+        where = "episode 0 (checking the cache)"
+        own = _scores(path, runner, first.support, first.support_labels, first.query, where)
+        features = [_call(path, lambda images=images: feature_cache.encode_fixed(runner.encode, images), where)
+                    for images in (first.support, first.query)]
+        through_cache = _call(path, lambda: runner.head(features[0], first.support_labels, features[1]), where)
+        through_cache = torch.as_tensor(through_cache).detach().float().cpu()
+        if not torch.equal(own, through_cache):
+            difference = float((own - through_cache).abs().max())
+            reason = (f"encoding in batches of {feature_cache.ENCODE_BATCH} changes its scores on "
+                      f"episode 0 (by up to {difference:.3g}): its encoder's arithmetic depends on "
+                      "the batch here, so it runs uncached to keep the episode graph's digits")
+            log(f"{path}: {reason}")
+            result.feature_cache = {"used": False, "reason": reason}
+            continue
+        chosen.append(k)
+    return chosen
+
+
+def _call(path, fn, where: str):
+    try:
+        return fn()
+    except DMFExportError:
+        raise
+    except Exception as err:
+        raise DMFExportError(f"{path} failed on {where} ({summarize(err)})") from err
+
+
+def _episode_jobs(evaluation, data, drawn, preprocessing, paths, runners, results, cached,
+                  workers, cache_mb, overflow, stack, log):
+    """(episode index, query labels, a scores function per model) for each episode, in
+    order: uncached models get their episode's images, cached ones their features."""
+    way, queries = evaluation.way, evaluation.way * evaluation.queries_per_class
+    uncached = [k for k in range(len(runners)) if k not in cached]
+    episodes_stream = None
+    if uncached:
+        episodes_stream = stack.enter_context(contextlib.closing(
+            iterate_episodes(data, drawn, preprocessing, workers)))
+    caches = None
+    if cached:
+        caches = _Caches(evaluation, data, drawn, preprocessing, [runners[k] for k in cached],
+                         [results[k] for k in cached], workers, cache_mb, overflow, stack, log)
+    for index, episode in enumerate(drawn):
+        labels = one_hot([label for _, label in episode.support], way)
+        query_labels = torch.as_tensor([label for _, label in episode.query], dtype=torch.int64)
+        functions: list = [None] * len(runners)
+        if uncached:
+            waited = time.perf_counter()
+            tensors = next(episodes_stream)
+            evaluation.data_wait_seconds += time.perf_counter() - waited
+            evaluation.data_seconds += tensors.load_seconds
+            for k in uncached:
+                functions[k] = _timed_scores(paths[k], runners[k], results[k], tensors.support,
+                                             tensors.support_labels, tensors.query, index)
+        if cached:
+            for k, (support, query) in zip(cached, caches.features(index)):
+                functions[k] = _timed_head(paths[k], runners[k], results[k], support, labels, query,
+                                           queries, index)
+        yield index, query_labels, functions
+
+
+def _timed_scores(path, runner, result, support, support_labels, query, index):
+    def run():
+        began = time.perf_counter()
+        scores = _scores(path, runner, support, support_labels, query, f"episode {index}")
+        result.seconds += time.perf_counter() - began
+        return scores
+    return run
+
+
+def _timed_head(path, runner, result, support, labels, query, queries, index):
+    def run():
+        where = f"episode {index}"
+        began = time.perf_counter()
+        scores = _call(path, lambda: runner.head(support, labels, query), where)
+        spent = time.perf_counter() - began
+        result.head_seconds += spent
+        result.seconds += spent
+        scores = torch.as_tensor(scores).detach().float().cpu()
+        if tuple(scores.shape) != (queries, labels.shape[1]):
+            raise DMFExportError(f"{path} returned scores {list(scores.shape)} on {where}; "
+                                 f"expected {[queries, labels.shape[1]]}")
+        return scores
+    return run
+
+
+class _Caches:
+    """The cached models' stores, fed by one stream of decoded images (each batch is
+    encoded by every cached model): one plan, the cap shared equally."""
+
+    def __init__(self, evaluation, data, drawn, preprocessing, runners, results, workers, cache_mb,
+                 overflow, stack, log):
+        self.evaluation, self.runners, self.results = evaluation, runners, results
+        image_size = data.pixels([drawn[0].query[0][0]], preprocessing).shape[1]
+        per_image = feature_cache.feature_bytes(image_size)
+        cap_mb = feature_cache.default_cap_mb() if cache_mb is None else float(cache_mb)
+        capacity = int(cap_mb * 1e6 / len(runners) // per_image)
+        self.plan = feature_cache.plan(drawn, capacity, overflow)
+        plan = self.plan
+        folder = stack.enter_context(contextlib.closing(feature_cache.SpillFolder(plan.spill_slots > 0)))
+        if folder.path is not None:
+            feature_cache.check_spill_room(folder.path, len(runners) * feature_cache.spill_bytes(plan, image_size))
+        shape = (feature_cache.FEATURE_CHANNELS, feature_cache.feature_size(image_size),
+                 feature_cache.feature_size(image_size))
+        self.stores = [feature_cache.Store(plan.slots, plan.spill_slots, shape, folder.path) for _ in runners]
+        default = " (default: min(25% of available memory, 8192 MB))" if cache_mb is None else ""
+        log(f"feature cache: {plan.distinct} distinct images in {len(drawn)} episodes "
+            f"({plan.uses} uses, {plan.reused} used more than once); {per_image / 1e6:.3f} MB of "
+            f"features per image; all reused ones {plan.reused * per_image / 1e6:.0f} MB per model; "
+            f"cap {cap_mb:.0f} MB{default} = {capacity} images per model for {len(runners)} "
+            f"model(s); in memory at most {plan.slots} per model "
+            f"({plan.slots * per_image / 1e6:.0f} MB); beyond the cap: {overflow}"
+            + (f" (up to {plan.spill_slots * per_image / 1e6:.0f} MB per model to {folder.path})"
+               if plan.spill_slots else "")
+            + f"; {plan.encodes} encodes")
+        order = [image for step in plan.steps for image in step.encode]
+        self.batches = stack.enter_context(contextlib.closing(
+            feature_cache.decoded_batches(data, order, preprocessing, workers)))
+        self.pending = [collections.deque() for _ in runners]
+        for result, store in zip(results, self.stores):
+            result.feature_cache = {"used": True, "overflow": overflow, "cap_mb": cap_mb,
+                                    "capacity_images": capacity, "distinct_images": plan.distinct,
+                                    "feature_mb_per_image": per_image / 1e6,
+                                    "encode_batch": feature_cache.ENCODE_BATCH}
+        self.per_image = per_image
+        self.drawn = drawn
+
+    def _encode_next_batch(self) -> None:
+        waited = time.perf_counter()
+        images, seconds = next(self.batches)
+        self.evaluation.data_wait_seconds += time.perf_counter() - waited
+        self.evaluation.data_seconds += seconds
+        for runner, result, pending in zip(self.runners, self.results, self.pending):
+            began = time.perf_counter()
+            features = _call(result.path, lambda: feature_cache.encode_fixed(runner.encode, images),
+                             "encoding images")
+            spent = time.perf_counter() - began
+            result.encode_seconds += spent
+            result.seconds += spent
+            pending.extend(features)
+
+    def features(self, index: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        step = self.plan.steps[index]
+        while len(self.pending[0]) < len(step.encode):
+            self._encode_next_batch()
+        out = []
+        for result, store, pending in zip(self.results, self.stores, self.pending):
+            encoded = {image: pending.popleft() for image in step.encode}
+            store.encodes += len(encoded)
+            out.append(feature_cache.gather(store, step, self.drawn[index], encoded))
+            result.feature_cache.update({"encodes": store.encodes, "hits": store.hits,
+                                         "spill_writes": store.spills, "spill_reads": store.reads,
+                                         "peak_mb": store.peak * self.per_image / 1e6})
+        return out
 
 
 def printable(text: str) -> str:
