@@ -202,7 +202,10 @@ def _episode_options(way=5, shot=1, queries=75):
               help="Fixed-step ODE method the alignment is unrolled with (rk4 = the original).")
 @click.option("--steps", default=1, show_default=True, type=click.IntRange(min=1),
               help="Equal steps over t ∈ [0, 1] (1 = the original).")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]))
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice([
+    "fp32", "fp16",
+    "bf16",
+]), help="fp16: a GPU's; bf16 (aoti, torchscript): a CPU's with AMX or AVX-512-BF16.")
 @click.option("--graph", default="episode", show_default=True, type=click.Choice(["episode", "split"]),
               help="One episode graph, or an encoder and a head (encode a support set once).")
 @click.option("--groups", type=click.IntRange(min=1), help="Override the groups inferred from the weights.")
@@ -228,6 +231,7 @@ def export(checkpoint, fmt, output, kernel, run_verify, **options):
       dmf-export export model.pth.tar -f aoti            # → model.pt2 (torch.export + AOTInductor)
       dmf-export export model.pth.tar -f triton -o repo  # a Triton model repository
       dmf-export export model.pth.tar -f tensorrt --precision fp16 --max-queries 100
+      dmf-export export model.pth.tar -f aoti --precision bf16   # → model.bf16.pt2
     """
     for name, option in format_options().items():
         if option.kind == "list":
@@ -273,8 +277,9 @@ def _run_verify(artifact, checkpoint, as_json=False, report_dir=None, **kwargs) 
 @_device_option
 @_sizes_option(None, "Episode sizes, e.g. 5w1s10q,3w2s4q (default: a spread of sizes).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the first random episode.")
-@click.option("--rtol", type=float, help="Relative tolerance (default 1e-4 fp32, 1e-2 fp16).")
-@click.option("--atol", type=float, help="Absolute tolerance (default 1e-4 fp32, 1e-2 fp16).")
+@click.option("--rtol", type=float, help="Relative tolerance (default: the artifact's precision's, "
+              "README's table).")
+@click.option("--atol", type=float, help="Absolute tolerance (default: the artifact's precision's).")
 @_cuda_graph_option
 @_tf32_option
 @_json_option
