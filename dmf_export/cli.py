@@ -338,17 +338,21 @@ def bench(artifacts, checkpoint, sizes, repeats, threads, no_eager, no_backbone,
 
 def _print_timings(rows) -> None:
     gpu = any(r.gpu_peak_mb is not None for r in rows)
+    lower = any(r.vs_fp32 is not None for r in rows)  # a bf16/fp16/int8 artifact beside its fp32 twin
     click.echo(f"{'episode':<9} {'what':<40} {'min ms':>8} {'median ms':>9} {'vs eager':>8} "
-               f"{'÷ backbone':>10} {'÷ encoder':>9} {'peak MB':>7}" + (f" {'GPU MB':>7}" if gpu else ""))
+               f"{'÷ backbone':>10} {'÷ encoder':>9}" + (f" {'÷ fp32':>7}" if lower else "")
+               + f" {'peak MB':>7}" + (f" {'GPU MB':>7}" if gpu else ""))
     ratio = lambda v, fmt: format(v, fmt) if v else ""  # noqa: E731
     for r in rows:
         peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "?"
         gpu_peak = f" {r.gpu_peak_mb:>7.0f}" if gpu and r.gpu_peak_mb is not None else ""
         click.echo(f"{r.size:<9} {r.name[-40:]:<40} {r.min_s * 1e3:>8.1f} {r.median_s * 1e3:>9.1f} "
                    f"{ratio(r.speedup, '.2f') + ('×' if r.speedup else ''):>8} "
-                   f"{ratio(r.vs_backbone, '.3f'):>10} {ratio(r.vs_encoder, '.3f'):>9} {peak:>7}{gpu_peak}")
+                   f"{ratio(r.vs_backbone, '.3f'):>10} {ratio(r.vs_encoder, '.3f'):>9}"
+                   + (f" {ratio(r.vs_fp32, '.3f'):>7}" if lower else "") + f" {peak:>7}{gpu_peak}")
     click.echo("vs eager: eager median ÷ this one; ÷ backbone: this median ÷ the eager backbone's; "
-               "÷ encoder: this median ÷ its format's split encoder alone (the floor).")
+               "÷ encoder: this median ÷ its format's split encoder alone (the floor)"
+               + ("; ÷ fp32: this median ÷ its fp32 twin's (the same format)." if lower else "."))
 
 
 @main.command()

@@ -9,7 +9,7 @@ import torch
 from cli_helpers import one_error_line
 from cli_helpers import run_cli as run
 
-from dmf_export import cpu, formats
+from dmf_export import bench, cli, cpu, formats
 from dmf_export.contract import TOLERANCES, EpisodeSize, check_images, make_episode
 from dmf_export.errors import DMFExportError
 from dmf_export.export import ExportOptions
@@ -141,3 +141,21 @@ def test_bf16_scores_are_the_eager_fp32_ones_within_bf16s_tolerance(exported, ea
             assert torch.equal(features, features.bfloat16().float())
     # the backbone did run in bf16: an fp32 graph would be within fp32's 1e-4
     assert max(drifts) > 10 * TOLERANCES["fp32"].atol
+
+
+# -- bench --------------------------------------------------------------------------------
+
+def test_bench_divides_a_bf16_row_by_its_fp32_twin_and_prints_it(capsys):
+    """Rows as bench measures them (medians given): the bf16 package ÷ the fp32 package of
+    the same format, not ÷ another format's fp32 row."""
+    candidates = [bench._Candidate("artifact", f"m{suffix}", "m.pth.tar", f"m{suffix}", family)
+                  for suffix, family in ((".ts", ("torchscript", "fp32")), (".pt2", ("aoti", "fp32")),
+                                         (".bf16.pt2", ("aoti", "bf16")))]
+    rows = [bench.Timing("5w1s75q", c.name, m, m, kind=c.kind, format=c.family[0], precision=c.family[1])
+            for c, m in zip(candidates, (1.5, 2.0, 0.8))]
+    bench._ratios(list(zip(candidates, rows)))
+    assert [r.vs_fp32 for r in rows] == [None, None, pytest.approx(0.4)]
+    cli._print_timings(rows)
+    table = capsys.readouterr().out.splitlines()
+    assert "÷ fp32" in table[0]
+    assert table[3].split()[-2] == "0.400"
