@@ -227,7 +227,10 @@ def _episode_options(way=5, shot=1, queries=75):
               help="Fixed-step ODE method the alignment is unrolled with (rk4 = the original).")
 @click.option("--steps", default=1, show_default=True, type=click.IntRange(min=1),
               help="Equal steps over t ∈ [0, 1] (1 = the original).")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]))
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice([
+    "fp32", "fp16",
+    "bf16",
+]), help="fp16: a GPU's; bf16 (aoti, torchscript): a CPU's with AMX or AVX-512-BF16.")
 @click.option("--graph", default="episode", show_default=True, type=click.Choice(["episode", "split"]),
               help="One episode graph, or an encoder and a head (encode a support set once).")
 @click.option("--groups", type=click.IntRange(min=1), help="Override the groups inferred from the weights.")
@@ -253,6 +256,7 @@ def export(checkpoint, fmt, output, kernel, run_verify, **options):
       dmf-export export model.pth.tar -f aoti            # → model.pt2 (torch.export + AOTInductor)
       dmf-export export model.pth.tar -f triton -o repo  # a Triton model repository
       dmf-export export model.pth.tar -f tensorrt --precision fp16 --max-queries 100
+      dmf-export export model.pth.tar -f aoti --precision bf16   # → model.bf16.pt2
     """
     for name, option in format_options().items():
         if option.kind == "list":
@@ -300,8 +304,9 @@ def _run_verify(artifact, checkpoint, as_json=False, report_dir=None, **kwargs) 
 @_device_option
 @_sizes_option(None, "Episode sizes, e.g. 5w1s10q,3w2s4q (default: a spread of sizes).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the first random episode.")
-@click.option("--rtol", type=float, help="Relative tolerance (default 1e-4 fp32, 1e-2 fp16).")
-@click.option("--atol", type=float, help="Absolute tolerance (default 1e-4 fp32, 1e-2 fp16).")
+@click.option("--rtol", type=float, help="Relative tolerance (default: the artifact's precision's, "
+              "README's table).")
+@click.option("--atol", type=float, help="Absolute tolerance (default: the artifact's precision's).")
 @_cuda_graph_option
 @_tf32_option
 @_json_option
@@ -375,17 +380,21 @@ def bench(artifacts, checkpoint, sizes, repeats, threads, no_eager, no_backbone,
 
 def _print_timings(rows) -> None:
     gpu = any(r.gpu_peak_mb is not None for r in rows)
+    lower = any(r.vs_fp32 is not None for r in rows)  # a bf16/fp16/int8 artifact beside its fp32 twin
     click.echo(f"{'episode':<9} {'what':<40} {'min ms':>8} {'median ms':>9} {'vs eager':>8} "
-               f"{'÷ backbone':>10} {'÷ encoder':>9} {'peak MB':>7}" + (f" {'GPU MB':>7}" if gpu else ""))
+               f"{'÷ backbone':>10} {'÷ encoder':>9}" + (f" {'÷ fp32':>7}" if lower else "")
+               + f" {'peak MB':>7}" + (f" {'GPU MB':>7}" if gpu else ""))
     ratio = lambda v, fmt: format(v, fmt) if v else ""  # noqa: E731
     for r in rows:
         peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "?"
         gpu_peak = f" {r.gpu_peak_mb:>7.0f}" if gpu and r.gpu_peak_mb is not None else ""
         click.echo(f"{r.size:<9} {r.name[-40:]:<40} {r.min_s * 1e3:>8.1f} {r.median_s * 1e3:>9.1f} "
                    f"{ratio(r.speedup, '.2f') + ('×' if r.speedup else ''):>8} "
-                   f"{ratio(r.vs_backbone, '.3f'):>10} {ratio(r.vs_encoder, '.3f'):>9} {peak:>7}{gpu_peak}")
+                   f"{ratio(r.vs_backbone, '.3f'):>10} {ratio(r.vs_encoder, '.3f'):>9}"
+                   + (f" {ratio(r.vs_fp32, '.3f'):>7}" if lower else "") + f" {peak:>7}{gpu_peak}")
     click.echo("vs eager: eager median ÷ this one; ÷ backbone: this median ÷ the eager backbone's; "
-               "÷ encoder: this median ÷ its format's split encoder alone (the floor).")
+               "÷ encoder: this median ÷ its format's split encoder alone (the floor)"
+               + ("; ÷ fp32: this median ÷ its fp32 twin's (the same format)." if lower else "."))
     for r in rows:
         if r.episodes_per_s is not None:
             click.echo(f"{r.size} {r.name}: {r.episodes_per_s:.2f} episodes/s with {r.clients} "

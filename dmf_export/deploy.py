@@ -120,6 +120,24 @@ class Encoder(nn.Module):
         return self.blocks(images).contiguous()
 
 
+class Bfloat16Encoder(nn.Module):
+    """``images [N, 3, H, W] -> features [N, 640, h, w]``, fp32 in and out, the backbone's
+    convolutions in bfloat16 inside (``--precision bf16``).
+
+    oneDNN's bf16 convolutions (AMX, AVX-512-BF16) multiply bf16 and accumulate in fp32;
+    each activation is stored in bf16 between them (8 bits of mantissa). The head (the
+    deformable conv, which has no bf16 kernel, and the ODE) stays fp32, so the features
+    are cast back here and the artifact's inputs and outputs stay fp32.
+    """
+
+    def __init__(self, encoder: Encoder):
+        super().__init__()
+        self.encoder = encoder.to(torch.bfloat16)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.encoder(images.to(torch.bfloat16)).float()
+
+
 # -- meta-filter ---------------------------------------------------------------------
 
 class MetaFilter(nn.Module):

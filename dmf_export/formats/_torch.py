@@ -7,13 +7,15 @@ import contextlib
 import torch
 
 from dmf_export.contract import ArtifactInfo
+from dmf_export.cpu import bf16_unavailable
 from dmf_export.errors import DMFExportError
 
 
 def check_device(device: str, cuda_graph: bool = False, path=None,
                  info: ArtifactInfo | None = None) -> None:
     """Refuse in one line what ``device`` cannot run: CUDA graphs or a GPU this torch does
-    not see, and (given a torch-based artifact's ``info``) an fp16 graph off the GPU.
+    not see, and (given a torch-based artifact's ``info``) an fp16 graph off the GPU, a
+    bf16 graph on a GPU or on a CPU without bf16 instructions (``check_bf16``).
     Called before loading, and by bench before minutes of timing."""
     try:
         on_gpu = torch.device(device).type == "cuda"
@@ -21,10 +23,25 @@ def check_device(device: str, cuda_graph: bool = False, path=None,
         raise DMFExportError(f"unknown device {device!r} (cpu, cuda, cuda:1, …)") from err
     if info is not None and info.precision == "fp16" and not on_gpu:
         raise DMFExportError(f"{path} is an fp16 {info.format} graph: run it on a GPU (--device cuda)")
+    if info is not None and info.precision == "bf16":
+        check_bf16(on_gpu, path)
     if cuda_graph and not on_gpu:
         raise DMFExportError("CUDA graphs need a GPU (--device cuda)")
     if on_gpu and not torch.cuda.is_available():
         raise DMFExportError(f"device {device!r}: this torch sees no CUDA GPU")
+
+
+def check_bf16(on_gpu: bool, artifact=None) -> None:
+    """Refuse bf16 (export or run) in one line on a GPU, or on a CPU without AMX or
+    AVX-512-BF16. A GPU would run the graph, but fp16 is its reduced precision (and what
+    TensorRT builds); on a CPU without the instructions oneDNN emulates bf16, slower than
+    fp32, so the artifact would only lose accuracy. ``artifact``: the path a run opens."""
+    where = f"{artifact}: " if artifact is not None else ""
+    if on_gpu:
+        raise DMFExportError(f"{where}bf16 artifacts are for CPUs (AMX, AVX-512-BF16); on a GPU use fp16")
+    reason = bf16_unavailable()
+    if reason:
+        raise DMFExportError(where + reason)
 
 
 class CudaGraphs:

@@ -22,7 +22,7 @@ from dmf_export import ops
 from dmf_export.contract import METADATA_KEY, ArtifactInfo
 from dmf_export.errors import DMFExportError
 from dmf_export.formats import _trace
-from dmf_export.formats._torch import torch_graphs
+from dmf_export.formats._torch import check_bf16, torch_graphs
 from dmf_export.formats.base import Format, Option, Runner, RunOptions, split_partner
 
 # where AOTInductor keeps a package's metadata (aot_inductor.metadata) beside its library
@@ -46,6 +46,8 @@ class AOTInductor(Format):
     name = "aoti"
     title = "AOTInductor"
     suffix = ".pt2"
+    precisions = ("fp32", "fp16",
+                  "bf16")
     options = (Option("device", "cpu", help="aoti: the device the package is compiled for and runs on (cpu, cuda)."),)
     run_flags = ("cuda_graph", "tf32")
 
@@ -60,6 +62,8 @@ class AOTInductor(Format):
         super().check_options(opts)
         if opts.precision == "fp16" and torch.device(opts.device).type != "cuda":
             raise DMFExportError("fp16 AOTInductor packages are for a GPU: add --device cuda")
+        if opts.precision == "bf16":
+            check_bf16(torch.device(opts.device).type == "cuda")
 
     def write_graph(self, job, graph, path, log):
         device = torch.device(job.opts.device)

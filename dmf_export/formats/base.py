@@ -17,7 +17,8 @@ import torch
 
 from dmf_export._version import __version__
 from dmf_export.contract import ArtifactInfo, EpisodeSize, check_episode
-from dmf_export.deploy import build_episode_graph
+from dmf_export.cpu import bf16_unavailable
+from dmf_export.deploy import Bfloat16Encoder, build_episode_graph
 from dmf_export.errors import DMFExportError, summarize
 from dmf_export.staging import Staging  # noqa: F401  (formats write through it)
 
@@ -235,6 +236,10 @@ class Format:
             if not gpu_available():
                 return "fp16 artifacts run on a GPU; none here (verify it where one is)", {}
             return None, {"device": "cuda"}
+        if opts.precision == "bf16":
+            reason = bf16_unavailable()
+            if reason:
+                return reason, {}
         return None, {"device": opts.device}
 
     # -- writing
@@ -257,7 +262,7 @@ class Format:
 
     def name_tags(self, opts) -> str:
         """What a default output name says beyond the checkpoint's (``.fp16``, ``.plugin``)."""
-        return ".fp16" if opts.precision == "fp16" else ""
+        return "" if opts.precision == "fp32" else f".{opts.precision}"
 
     def write(self, job, outputs: dict[str, Path], staging: Staging, log: Log) -> list[Written]:
         """Write every graph of ``job`` to its staging name (committed by the caller)."""
@@ -309,6 +314,8 @@ class Job:
         encoder takes at a time on a CPU; 0: all)."""
         episode = build_episode_graph(model, solver=opts.solver, steps=opts.steps, cpu_batch=cpu_batch)
         episode = episode.to(torch.float16 if opts.precision == "fp16" else torch.float32).eval()
+        if opts.precision == "bf16":  # the backbone in bf16 between fp32 images and features
+            episode.encoder = Bfloat16Encoder(episode.encoder).eval()
         modules = {"episode": episode, "encoder": episode.encoder, "head": episode.head}
         return cls(checkpoint, opts, model, modules, cpu_batch)
 
@@ -327,6 +334,7 @@ class Job:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The graphs' input and output dtype (bf16 graphs take and give fp32)."""
         return torch.float16 if self.opts.precision == "fp16" else torch.float32
 
     def info(self, fmt: str, graph: str, **extra) -> ArtifactInfo:

@@ -12,7 +12,7 @@ import torch
 from dmf_export import ops
 from dmf_export.contract import METADATA_KEY, ArtifactInfo
 from dmf_export.errors import DMFExportError
-from dmf_export.formats._torch import torch_graphs
+from dmf_export.formats._torch import check_bf16, torch_graphs
 from dmf_export.formats.base import Format, Runner, RunOptions, split_partner
 
 
@@ -34,8 +34,15 @@ class TorchScript(Format):
     title = "TorchScript"
     suffix = ".ts"
     read_suffixes = (".ts", ".pt")
+    precisions = ("fp32", "fp16",
+                  "bf16")
     run_flags = ("cuda_graph", "tf32")
     cpu_batch = 16  # its encoder takes 16 images at a time on a CPU (deploy.Encoder)
+
+    def check_options(self, opts) -> None:
+        super().check_options(opts)
+        if opts.precision == "bf16":
+            check_bf16(on_gpu=False)  # a TorchScript file runs anywhere; bf16 is for a CPU
 
     def write_graph(self, job, graph, path, log):
         info = job.info(self.name, graph)
