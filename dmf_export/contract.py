@@ -91,6 +91,9 @@ class Tolerance:
 TOLERANCES = {
     "fp32": Tolerance(rtol=1e-4, atol=1e-4, min_agreement=1.0),
     "fp16": Tolerance(rtol=1e-2, atol=1e-2, min_agreement=0.99),
+    # int8 (backbone only; benchmarks/int8_drift.py, README): verify's noise episodes drift up to
+    # 5.6 % of a score (84×84) and 6.5 % (32×32), half the tolerance's share; agreement as fp16
+    "int8": Tolerance(rtol=1e-1, atol=1e-1, min_agreement=0.99),
 }
 
 
@@ -150,6 +153,7 @@ class ArtifactInfo:
     dmf_export_version: str | None = None
     device: str | None = None      # what a compiled package runs on (AOTInductor: cpu, cuda)
     cpu_isa: str | None = None     # the vector instructions a CPU package was compiled for
+    calibration: dict | None = None  # int8: the data, split, image count and method calibrated on
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -164,6 +168,7 @@ class ArtifactInfo:
 
 _LARGEST = {name: torch.finfo(dtype).max for name, dtype in
             (("fp16", torch.float16), ("fp32", torch.float32), ("fp64", torch.float64))}
+_LARGEST["int8"] = _LARGEST["fp32"]  # int8 artifacts take fp32 images (quantized inside)
 
 
 def check_images(images, *, image_size: int | None, precision: str = "fp32",
