@@ -91,9 +91,10 @@ class Tolerance:
 TOLERANCES = {
     "fp32": Tolerance(rtol=1e-4, atol=1e-4, min_agreement=1.0),
     "fp16": Tolerance(rtol=1e-2, atol=1e-2, min_agreement=0.99),
-    # int8 (backbone only; benchmarks/int8_drift.py, README): verify's noise episodes drift up to
-    # 5.6 % of a score (84×84) and 6.5 % (32×32), half the tolerance's share; agreement as fp16
-    "int8": Tolerance(rtol=1e-1, atol=1e-1, min_agreement=0.99),
+    # int8 (the backbone; benchmarks/int8_drift.py, README): on verify's noise episodes the
+    # largest share of this tolerance used was 0.89 of rtol = atol = 0.1 at 32×32 (a score
+    # 10.5 % off) and 0.51 at 84×84 (5.5 %): twice the worst; agreement as for fp16
+    "int8": Tolerance(rtol=2e-1, atol=2e-1, min_agreement=0.99),
 }
 
 

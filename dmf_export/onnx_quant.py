@@ -33,7 +33,7 @@ from dmf_export.contract import GRAPH_IO, METADATA_KEY, ArtifactInfo
 from dmf_export.errors import DMFExportError
 
 METHODS = ("minmax", "entropy", "percentile")
-DEFAULT_METHOD = "entropy"
+DEFAULT_METHOD = "minmax"
 # the backbone's nodes by type: 4 blocks × (3 convs + the shortcut's, 3 LeakyReLUs, the
 # residual Add; a max-pool after each of the first three)
 BACKBONE_OPS = {"Conv": 16, "LeakyRelu": 12, "Add": 4, "MaxPool": 3}

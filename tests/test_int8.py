@@ -100,7 +100,7 @@ def test_int8_onnx_is_within_the_int8_tolerance_of_the_eager_original(
         assert not torch.equal(scores, expected.float())  # it is quantized: not the fp32 scores
     info = read_info(paths[0])
     assert info.precision == "int8" and info.calibration["images"] == 80
-    assert info.calibration["method"] == "entropy" and info.calibration["split"] == "test"
+    assert info.calibration["method"] == "minmax" and info.calibration["split"] == "test"
 
 
 @pytest.mark.parametrize("graph", ["episode", "split"])
@@ -124,7 +124,7 @@ def test_only_the_backbone_is_int8_and_the_head_stays_fp32(exported, calibration
 @pytest.mark.parametrize("options, needle", [
     ({"precision": "int8"}, "--precision int8 needs --calibrate DATA"),
     ({"calibrate": "x"}, "--calibrate applies to --precision int8"),
-    ({"calib_method": "minmax"}, "--calib-method applies to --precision int8"),
+    ({"calib_method": "entropy"}, "--calib-method applies to --precision int8"),
     ({"precision": "int8", "calibrate": "x", "onnx_flavor": "plugin"}, "not the plugin flavour"),
     ({"precision": "int8", "format": "tensorrt"}, "TensorRT artifacts come in fp32, fp16, not int8"),
     ({"precision": "int8", "format": "torchscript"}, "TorchScript artifacts come in"),
