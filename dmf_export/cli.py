@@ -23,7 +23,7 @@ from dmf_export.evaluate import describe, printable
 from dmf_export.evaluate import evaluate as run_evaluate
 from dmf_export.evaluate import predict as run_predict
 from dmf_export.feature_cache import DEFAULT_CAP_MB_MAX, OVERFLOWS
-from dmf_export.export import SOLVERS, ExportOptions, export_checkpoint, format_options
+from dmf_export.export import PRECISIONS, SOLVERS, ExportOptions, export_checkpoint, format_options
 from dmf_export.formats.base import MAX_THREADS, Option
 from dmf_export.triton import TritonServer, serve_forever, write_repository
 from dmf_export.triton.remote import DEFAULT_TIMEOUT, MAX_CLIENTS, PROTOCOLS
@@ -227,10 +227,9 @@ def _episode_options(way=5, shot=1, queries=75):
               help="Fixed-step ODE method the alignment is unrolled with (rk4 = the original).")
 @click.option("--steps", default=1, show_default=True, type=click.IntRange(min=1),
               help="Equal steps over t ∈ [0, 1] (1 = the original).")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice([
-    "fp32", "fp16",
-    "bf16",
-]), help="fp16: a GPU's; bf16 (aoti, torchscript): a CPU's with AMX or AVX-512-BF16.")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(PRECISIONS),
+              help="fp16: a GPU's; bf16 (aoti, torchscript): a CPU's with AMX or AVX-512-BF16; "
+                   "int8: ONNX and Triton, calibrated on --calibrate DATA (README).")
 @click.option("--graph", default="episode", show_default=True, type=click.Choice(["episode", "split"]),
               help="One episode graph, or an encoder and a head (encode a support set once).")
 @click.option("--groups", type=click.IntRange(min=1), help="Override the groups inferred from the weights.")

@@ -670,3 +670,48 @@ def read_images(paths: Sequence[Path], preprocessing: Preprocessing, workers: in
     refuse_decompression_bombs()
     pixels = list(prefetched(((lambda p=p: read_image(p, preprocessing)) for p in paths), workers))
     return preprocessing.normalise(stack_pixels(paths, pixels))
+
+
+# -- calibration images (int8 export) --------------------------------------------------
+
+# Distinct images a calibration set holds at most: they are all in memory at once
+# (84×84: 85 kB each, so 1024 ≈ 87 MB), and a few hundred already fix the ranges.
+MAX_CALIBRATION_IMAGES = 1024
+
+
+@dataclasses.dataclass
+class CalibrationSet:
+    """The images an int8 export is calibrated on, and where they came from (recorded
+    in the artifact's metadata)."""
+
+    images: torch.Tensor  # [N, 3, H, W] normalised, as evaluate feeds them
+    where: str            # the split's file or folder
+    split: str
+    layout: str
+    episodes: int
+
+
+def calibration_images(root, split: str = "test", episodes: int = 4, *, layout: str | None = None,
+                       cifar: bool = False, image_size: int | None = None,
+                       way: int = 5, shot: int = 1, queries_per_class: int = 15,
+                       seed: int = ORIGINAL_SEED, limit: int = MAX_CALIBRATION_IMAGES) -> CalibrationSet:
+    """The distinct images of the first ``episodes`` episodes that ``evaluate``'s sampler
+    draws on ``split`` (the original's, seed 112, 5-way 1-shot 15 queries by default), in
+    the order they are first drawn, at most ``limit`` of them, read and preprocessed as
+    ``evaluate`` feeds them. ``image_size``: the size they must have after preprocessing
+    (one line otherwise, naming the first image)."""
+    data = open_split(root, split, layout)
+    indices: dict[int, None] = {}  # an ordered set
+    for episode in draw_episodes(data, episodes, way, shot, queries_per_class, seed):
+        for index, _ in episode.support + episode.query:
+            indices.setdefault(index, None)
+    chosen = list(indices)[:limit]
+    preprocessing = preprocessing_for(cifar)
+    refuse_decompression_bombs()
+    images = preprocessing.normalise(data.pixels(chosen, preprocessing))
+    if image_size is not None and tuple(images.shape[2:]) != (image_size, image_size):
+        first = data.paths[chosen[0]] if isinstance(data, FolderSplit) else data.where
+        raise DMFExportError(f"{first}: calibration images are {images.shape[3]}×{images.shape[2]} "
+                             f"after preprocessing, but the export is for {image_size}×{image_size} "
+                             f"(--image-size{'' if cifar else '; the ImageNet transform crops to 84'})")
+    return CalibrationSet(images, data.where, split, data.layout, episodes)

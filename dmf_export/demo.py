@@ -13,7 +13,7 @@ from dmf_export.contract import EpisodeSize
 from dmf_export.errors import DMFExportError
 from dmf_export.export import ExportOptions, export_checkpoint
 from dmf_export.report import write_demo_report
-from dmf_export.synthetic import write_random_checkpoint
+from dmf_export.synthetic import write_random_checkpoint, write_synthetic_split
 from dmf_export.verify import verify_artifact
 
 
@@ -50,6 +50,15 @@ def run_demo(out_dir: Path, *, groups: int = 64, kernel: int = 1, seed: int = 0,
         log(f"verifying {written.path.name}")
         report = verify_artifact(str(written.path), str(checkpoint), log=log)
         rows.append([fmt, written, report])
+    if "onnx" in usable:
+        # int8 needs images to calibrate on: a small synthetic split (80 pictures) stands in
+        calibration = write_synthetic_split(out_dir / "calibration", classes=5, images=16)
+        opts = ExportOptions(format="onnx", output=str(out_dir / "dmf.int8"), force=True, queries=queries,
+                             precision="int8", calibrate=str(calibration), calib_episodes=1)
+        written = export_checkpoint(str(checkpoint), opts, log=log)[0]
+        log(f"verifying {written.path.name}")
+        report = verify_artifact(str(written.path), str(checkpoint), log=log)
+        rows.append(["onnx int8", written, report])
 
     log(f"timing a {size} episode (eager original vs artifacts, {torch.get_num_threads()} threads)")
     timings = bench(str(checkpoint), [str(r[1].path) for r in rows], [size], repeats=3, backbone=False,

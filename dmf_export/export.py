@@ -17,7 +17,8 @@ from dmf_export.errors import DMFExportError, summarize
 from dmf_export.formats.base import GRAPHS, Format, Job, Log, Option, Staging, Written  # noqa: F401  (Written: API)
 
 PRECISIONS = ("fp32", "fp16",
-              "bf16")
+              "bf16",
+              "int8")  # int8: ONNX and Triton (Format.precisions), calibrated on the user's images
 SOLVERS = ("euler", "midpoint", "heun2", "heun3", "rk4")
 
 # What every format reads: (field, default). The options of some formats only are

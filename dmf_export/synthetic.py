@@ -3,7 +3,8 @@
 For the demo, the tests and the benchmarks: files that ``dmf_export.checkpoint`` reads
 like a released one (legacy or zip serialisation, wrapped or bare, with or without a
 prefix), whose weights keep activations, offsets and meta-filter logits of order one.
-They classify nothing.
+They classify nothing. And small image-folder splits of seeded pictures, to calibrate an
+int8 export on when no dataset is at hand (``write_synthetic_split``).
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from dmf_export.checkpoint import CHANNELS, expected_shapes, infer_groups_kernel
 from dmf_export.errors import DMFExportError
@@ -163,3 +166,25 @@ def write_random_checkpoint(path, groups: int = 64, kernel: int = 1, classes: in
             pass
         raise
     return path
+
+
+def write_synthetic_split(root, split: str = "test", classes: int = 5, images: int = 16,
+                          size: int = 84, seed: int = 0) -> Path:
+    """``ROOT/SPLIT/class_XX/img_YYY.jpg``: ``classes`` × ``images`` seeded pictures of
+    ``size``×``size`` (smooth colour fields, a tint per class, plus fine noise: pixel
+    statistics closer to photographs' than white noise). Returns ``root``."""
+    if min(classes, images, size) < 1:
+        raise DMFExportError(f"classes, images and size must be positive, got {classes}, {images}, {size}")
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for c in range(classes):
+        folder = root / split / f"class_{c:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        tint = rng.uniform(40, 215, size=3)
+        for i in range(images):
+            coarse = rng.normal(0, 50, size=(4, 4, 3)) + tint
+            field = np.asarray(Image.fromarray(coarse.clip(0, 255).astype(np.uint8)).resize(
+                (size, size), Image.Resampling.BICUBIC), dtype=np.float64)
+            pixels = (field + rng.normal(0, 12, size=field.shape)).clip(0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"img_{i:03d}.jpg", quality=90)
+    return root

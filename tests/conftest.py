@@ -23,7 +23,7 @@ if not os.environ.get("DMF_TRITON_ENV") and (ROOT / ".venv-triton" / "bin" / "py
 from dmf_export import load_checkpoint, ops  # noqa: E402
 from dmf_export.export import ExportOptions, export_checkpoint  # noqa: E402
 from dmf_export.formats import read_info  # noqa: E402
-from dmf_export.synthetic import random_state_dict, write_random_checkpoint  # noqa: E402
+from dmf_export.synthetic import random_state_dict, write_random_checkpoint, write_synthetic_split  # noqa: E402
 from dmf_export.triton import write_repository  # noqa: E402
 
 
@@ -95,7 +95,9 @@ def exported(tmp_path_factory):
             checkpoint = root / f"g{groups}k{kernel}.pth.tar"
             if not checkpoint.exists():
                 write_random_checkpoint(checkpoint, groups=groups, kernel=kernel, seed=groups + kernel)
-            name = "_".join([f"g{groups}k{kernel}", fmt] + [f"{k}-{v}" for k, v in sorted(options.items())])
+            # a path option (--calibrate) is named by its last part
+            name = "_".join([f"g{groups}k{kernel}", fmt] + [f"{k}-{Path(str(v)).name}"
+                                                            for k, v in sorted(options.items())])
             opts = ExportOptions(format=fmt, output=str(root / name), image_size=EXPORT_IMAGE,
                                  way=5, shot=1, queries=4, **options)
             cache[key] = (checkpoint, [w.path for w in export_checkpoint(str(checkpoint), opts)])
@@ -114,6 +116,16 @@ def triton_split_repository(exported, tmp_path_factory):
     repo = tmp_path_factory.mktemp("triton-split") / "repo"
     write_repository(repo, {path: read_info(path) for path in (episode, *split)})
     return checkpoint, repo
+
+
+@pytest.fixture(scope="session")
+def calibration_split(tmp_path_factory):
+    """A synthetic image-folder dataset (test split: 5 classes × 16 pictures of
+    EXPORT_IMAGE × EXPORT_IMAGE, as CIFAR-FS's transform keeps them) to calibrate int8
+    exports on: `exported(..., precision="int8", calibrate=str(calibration_split),
+    calib_transform="cifar-fs")`."""
+    return write_synthetic_split(tmp_path_factory.mktemp("calibration"), classes=5, images=16,
+                                 size=EXPORT_IMAGE)
 
 
 @pytest.fixture(scope="session")

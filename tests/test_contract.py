@@ -200,7 +200,7 @@ def test_encoder_images_alone():
 
 def test_unknown_precision_is_a_programming_error():
     with pytest.raises(ValueError, match="precision"):
-        check_episode(*episode(), image_size=SIZE, precision="int8")
+        check_episode(*episode(), image_size=SIZE, precision="int4")  # int8 is a precision now (ONNX)
 
 
 def test_what_the_checks_spare_the_user(dmf_state_dict):

@@ -554,3 +554,16 @@ def test_verify_runs_a_repository_through_a_server_it_starts_and_stops(repo, che
     assert code == 0 and "PASS: triton fp32, 2 episode sizes" in output, output
     assert serving() <= before  # verify's own server and stub are gone
 
+
+
+def test_an_int8_repository_serves_its_int8_graph_within_the_int8_tolerance(
+        checkpoint, server_env, calibration_split, tmp_path):
+    repo = tmp_path / "int8.triton"
+    code, output = run_cli("export", checkpoint, "-f", "triton", "--precision", "int8", "--calibrate",
+                           calibration_split, "--calib-transform", "cifar-fs", "--calib-episodes", 1,
+                           "--image-size", IMAGE, "--queries", 4, "--no-verify", "-o", repo)
+    assert code == 0, output
+    served = onnx.load(str(model_path(repo)))
+    assert sum(n.op_type == "QuantizeLinear" for n in served.graph.node) >= 16  # the int8 graph is served
+    code, output = run_cli("verify", repo, "-c", checkpoint, "--sizes", "3w1s2q,2w1s1q")
+    assert code == 0 and "PASS: triton int8, 2 episode sizes" in output, output

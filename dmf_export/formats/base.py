@@ -307,6 +307,8 @@ class Job:
     model: torch.nn.Module             # the eager model the graphs were built from
     modules: dict[str, torch.nn.Module]
     cpu_batch: int = 0
+    # what a format computes once per export and reuses for each graph (int8 calibration images)
+    cache: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def build(cls, checkpoint: str, opts, model: torch.nn.Module, cpu_batch: int = 0) -> "Job":

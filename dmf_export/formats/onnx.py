@@ -2,6 +2,7 @@
 as ONNX ``DeformConv``); the plugin flavour carries the TensorRT plugin's node instead."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +10,12 @@ import torch
 
 from dmf_export._version import __version__
 from dmf_export.contract import GRAPH_IO, METADATA_KEY, ArtifactInfo
+from dmf_export.data import MAX_CALIBRATION_IMAGES, SPLITS, calibration_images
 from dmf_export.errors import DMFExportError
 from dmf_export.formats import _trace
 from dmf_export.formats.base import Format, Option, Runner, RunOptions, split_partner
 from dmf_export.onnx_ops import FLAVORS, translation_table
+from dmf_export.onnx_quant import DEFAULT_METHOD, METHODS, backbone_weights, quantize
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -26,10 +29,64 @@ ONNX_FLAVOR = Option("onnx_flavor", "standard", kind="choice", choices=FLAVORS,
 # TensorRT builds its engines from the ONNX graph, so it reads the same option
 OPSET = Option("opset", 19, kind="int", minimum=19,
                help="ONNX opset (≥ 19: DeformConv first appears in opset 19).")
+# int8 (onnx and triton read them): the images the activation ranges are calibrated on
+CALIBRATE = Option("calibrate", None, kind="folder",
+                   help="int8: the dataset to calibrate on (miniImageNet pickles or SPLIT/<class>/<images> "
+                        "folders, as evaluate reads them).")
+CALIB_SPLIT = Option("split", "test", kind="choice", choices=SPLITS,
+                     help="int8: the split of --calibrate whose images calibrate.")
+# bounded: the distinct images of these episodes are in memory at once (and capped too)
+MAX_CALIB_EPISODES = 100
+CALIB_EPISODES = Option("calib_episodes", 4, kind="int", minimum=1, maximum=MAX_CALIB_EPISODES,
+                        help=f"int8: calibrate on the distinct images of the first N episodes evaluate "
+                             f"draws (5w1s15q, seed 112), at most {MAX_CALIBRATION_IMAGES} images.")
+CALIB_METHOD = Option("calib_method", DEFAULT_METHOD, kind="choice", choices=METHODS,
+                      help="int8: how activation ranges are set from the calibration images (README).")
+CALIB_TRANSFORM = Option("calib_transform", "imagenet", kind="choice", choices=("imagenet", "cifar-fs"),
+                         help="int8: the preprocessing of the calibration images, as evaluate's "
+                              "(cifar-fs: evaluate --cifar, images at their stored size).")
+INT8_OPTIONS = (CALIBRATE, CALIB_SPLIT, CALIB_EPISODES, CALIB_METHOD, CALIB_TRANSFORM)
 
 
-def write_onnx(job, graph: str, path: Path, flavor: str, fmt: str = "onnx") -> None:
-    """The ``graph`` of ``job`` as ONNX at ``path``, checked by ``onnx.checker``."""
+def check_int8(opts) -> None:
+    """One line for int8 options that do not go together (onnx and triton)."""
+    if opts.precision != "int8":
+        given = [o.flag for o in INT8_OPTIONS if getattr(opts, o.name) != o.default]
+        if given:
+            raise DMFExportError(f"{given[0]} applies to --precision int8 (got --precision {opts.precision})")
+        return
+    if opts.calibrate is None:
+        raise DMFExportError("--precision int8 needs --calibrate DATA: the images whose activation "
+                             "ranges the int8 graph is built for (a dataset as evaluate reads it)")
+    if getattr(opts, "onnx_flavor", "standard") == "plugin":
+        raise DMFExportError("--precision int8 is for onnxruntime (the standard flavour), not the "
+                             "plugin flavour")
+
+
+def int8_tag(tags: str, opts) -> str:
+    """``tags`` (a default output name's) with ``.int8`` for an int8 export, once."""
+    return tags + ".int8" if opts.precision == "int8" and ".int8" not in tags else tags
+
+
+def calibration_set(job, log):
+    """The int8 calibration images of ``job`` (read once per export, checked before anything
+    is written) and what the metadata says of them."""
+    if "calibration" not in job.cache:
+        opts = job.opts
+        found = calibration_images(opts.calibrate, opts.split, opts.calib_episodes,
+                                   cifar=opts.calib_transform == "cifar-fs", image_size=opts.image_size)
+        log(f"calibrating on {len(found.images)} images of {found.where} ({found.layout}, the first "
+            f"{found.episodes} episodes' distinct images), method {opts.calib_method}")
+        meta = {"data": str(Path(opts.calibrate).resolve()), "split": found.split, "layout": found.layout,
+                "episodes": found.episodes, "images": len(found.images), "method": opts.calib_method,
+                "transform": opts.calib_transform}
+        job.cache["calibration"] = (found.images, meta)
+    return job.cache["calibration"]
+
+
+def write_onnx(job, graph: str, path: Path, flavor: str, fmt: str = "onnx", **extra) -> None:
+    """The ``graph`` of ``job`` as ONNX at ``path``, checked by ``onnx.checker``
+    (``extra``: more ``ArtifactInfo`` fields for its metadata)."""
     import onnx  # heavy, and only an export needs it
 
     opts = job.opts
@@ -43,7 +100,7 @@ def write_onnx(job, graph: str, path: Path, flavor: str, fmt: str = "onnx") -> N
             custom_translation_table=translation_table(flavor),
             external_data=False, optimize=True, verbose=False,
         )
-    info = job.info(fmt, graph, onnx_flavor=flavor)
+    info = job.info(fmt, graph, onnx_flavor=flavor, **extra)
     program.model.metadata_props[METADATA_KEY] = info.to_json()
     program.model.producer_name = "dmf-export"
     program.model.producer_version = __version__
@@ -64,12 +121,19 @@ class Onnx(Format):
     name = "onnx"
     title = "ONNX"
     suffix = ".onnx"
-    options = (ONNX_FLAVOR, OPSET)
+    precisions = ("fp32", "fp16", "int8")
+    options = (ONNX_FLAVOR, OPSET) + INT8_OPTIONS
     run_flags = ("tf32",)
+
+    def check_options(self, opts) -> None:
+        super().check_options(opts)
+        check_int8(opts)
 
     def verification(self, opts) -> tuple[str | None, dict]:
         if opts.onnx_flavor == "plugin":
             return "the plugin-flavour graph runs in TensorRT (export --format tensorrt)", {}
+        if opts.precision == "int8":  # onnxruntime's CPU provider has the int8 kernels
+            return None, {"device": "cpu", "provider": "cpu"}
         reason, run = super().verification(opts)
         if reason or opts.precision != "fp16":
             return reason, run
@@ -81,10 +145,28 @@ class Onnx(Format):
         return None, {"device": "cuda", "provider": "cuda"}
 
     def name_tags(self, opts) -> str:
-        return super().name_tags(opts) + (".plugin" if opts.onnx_flavor == "plugin" else "")
+        return int8_tag(super().name_tags(opts), opts) + (".plugin" if opts.onnx_flavor == "plugin" else "")
+
+    def write(self, job, outputs, staging, log):
+        if job.opts.precision == "int8":
+            calibration_set(job, log)  # bad calibration data: one line before any graph is written
+        return super().write(job, outputs, staging, log)
 
     def write_graph(self, job, graph, path, log):
-        write_onnx(job, graph, path, job.opts.onnx_flavor)
+        if job.opts.precision != "int8":
+            write_onnx(job, graph, path, job.opts.onnx_flavor)
+            return
+        images, meta = calibration_set(job, log)
+        if graph == "head":  # the head stays fp32 (onnx_quant)
+            write_onnx(job, graph, path, job.opts.onnx_flavor, calibration=meta)
+            return
+        with tempfile.TemporaryDirectory(prefix="dmf-int8-") as scratch:
+            fp32 = Path(scratch) / f"{graph}.fp32.onnx"
+            write_onnx(job, graph, fp32, job.opts.onnx_flavor, calibration=meta)
+            log(f"quantizing the {graph} graph's backbone to int8")
+            quantize(fp32, path, graph, images, backbone_weights(job.modules["encoder"], graph),
+                     job.info(self.name, graph, onnx_flavor=job.opts.onnx_flavor, calibration=meta),
+                     job.opts.calib_method)
 
     def read_info(self, path: Path) -> ArtifactInfo:
         import onnx  # heavy (protobuf schemas): only reading or writing an .onnx needs it

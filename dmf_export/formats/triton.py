@@ -39,7 +39,8 @@ class Triton(Format):
     name = "triton"
     title = "Triton"
     suffix = ".triton"  # the default repository folder's name: <checkpoint>.triton/
-    options = (Option("variants", ("onnx",), kind="list", choices=VARIANTS,
+    precisions = ("fp32", "fp16", "int8")  # int8: the ONNX graph, run by onnxruntime
+    options = onnx.INT8_OPTIONS + (Option("variants", ("onnx",), kind="list", choices=VARIANTS,
                       help="triton: the artifact formats the repository holds, comma-separated "
                            "(onnx, torchscript, tensorrt; onnx serves the onnxruntime and python backends)."),
                # bounded: each python-backend instance is a process holding its own copy of the model
@@ -67,6 +68,12 @@ class Triton(Format):
         super().check_options(opts)
         if "onnx" not in opts.variants:
             raise DMFExportError("--variants must include onnx: the served episode model is the ONNX graph")
+        onnx.check_int8(opts)
+        if opts.precision == "int8" and tuple(opts.variants) != ("onnx",):
+            raise DMFExportError("--precision int8 is an ONNX graph: use --variants onnx")
+
+    def name_tags(self, opts) -> str:
+        return onnx.int8_tag(super().name_tags(opts), opts)
 
     def outputs(self, checkpoint, opts) -> dict[str, Path]:
         if opts.output:

@@ -15,6 +15,7 @@ from dmf_export.triton.repository import EPISODE_MODEL
 from dmf_export.triton.server import TritonServer
 
 _NUMPY_TYPE = {"fp32": np.float32, "fp16": np.float16}
+_NUMPY_TYPE["int8"] = _NUMPY_TYPE["fp32"]  # an int8 graph takes and returns fp32
 
 
 class TritonRunner:

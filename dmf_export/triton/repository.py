@@ -103,6 +103,7 @@ DEFAULT_INSTANCES = 1
 DEFAULT_THREADS: int | None = 1
 
 _TRITON_TYPE = {"fp32": "TYPE_FP32", "fp16": "TYPE_FP16"}
+_TRITON_TYPE["int8"] = _TRITON_TYPE["fp32"]  # an int8 graph takes and returns fp32
 
 
 def _tensors(names, dims, data_type) -> str:
