@@ -86,6 +86,7 @@ class _Candidate:
     family: tuple = ()  # (format, precision): whose encoder-only row is this one's floor
     run_flags: tuple = ()  # the RunOptions switches its format accepts
     servers: tuple = ()    # 'host:port' of the servers a 'server' candidate asks
+    graph: str | None = None  # an artifact's: episode, or encoder (a split export's pair)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +228,8 @@ def bench(checkpoint: str, artifacts: Sequence[str], sizes: Sequence[EpisodeSize
         if info.graph == "encoder":
             candidates.append(_Candidate("encoder", f"{path} (encoder only){tag}", checkpoint, path, family,
                                          fmt.run_flags))
-        candidates.append(_Candidate("artifact", f"{path}{tag}", checkpoint, path, family, fmt.run_flags))
+        candidates.append(_Candidate("artifact", f"{path}{tag}", checkpoint, path, family, fmt.run_flags,
+                                     graph=info.graph))
     if servers:
         candidates.append(_Candidate("server", f"triton @ {', '.join(servers)}"
                                      + (f" ({clients} clients)" if clients > 1 else ""), checkpoint,
@@ -257,13 +259,14 @@ def bench(checkpoint: str, artifacts: Sequence[str], sizes: Sequence[EpisodeSize
 
 def _ratios(measured: list) -> None:
     """Fill each row's ratios from the same size's eager, eager-backbone, encoder and fp32
-    rows (the fp32 twin: the first fp32 candidate of the same kind and format)."""
+    rows (the fp32 twin: the first fp32 candidate of the same kind, format and graph: an
+    episode graph beside an episode graph, a split pair beside a split pair)."""
     medians = {c.kind: r.median_s for c, r in measured if c.kind in ("eager", "backbone")}
     encoders = {c.family: r.median_s for c, r in measured if c.kind == "encoder"}
     fp32 = {}
     for c, r in measured:
         if c.family and c.family[1] == "fp32":
-            fp32.setdefault((c.kind, c.family[0]), r.median_s)
+            fp32.setdefault((c.kind, c.family[0], c.graph), r.median_s)
     for candidate, row in measured:
         if candidate.kind != "eager" and "eager" in medians:
             row.speedup = medians["eager"] / row.median_s
@@ -271,6 +274,6 @@ def _ratios(measured: list) -> None:
             row.vs_backbone = row.median_s / medians["backbone"]
         if candidate.kind == "artifact" and candidate.family in encoders:
             row.vs_encoder = row.median_s / encoders[candidate.family]
-        twin = (candidate.kind, candidate.family[0]) if candidate.family else None
+        twin = (candidate.kind, candidate.family[0], candidate.graph) if candidate.family else None
         if twin in fp32 and candidate.family[1] != "fp32":
             row.vs_fp32 = row.median_s / fp32[twin]

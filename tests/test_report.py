@@ -272,6 +272,20 @@ def test_an_fp16_row_is_divided_by_its_fp32_twin_of_the_same_format_and_kind():
     assert [row.vs_fp32 for _, row in measured] == [None, 0.25, None, 0.25, None]
 
 
+def test_a_split_pair_is_divided_by_the_fp32_split_pair_not_the_episode_graph():
+    def candidate(precision, graph):
+        return _Candidate("artifact", f"onnx-{precision}-{graph}", "c", "p", ("onnx", precision),
+                          graph=graph)
+
+    # the fp32 episode graph comes first: a twin by format alone would pick it for both
+    measured = [(candidate("fp32", "episode"), Timing("s", "a", 0.1, 0.4)),
+                (candidate("fp32", "encoder"), Timing("s", "b", 0.1, 0.2)),
+                (candidate("int8", "encoder"), Timing("s", "c", 0.1, 0.05)),
+                (candidate("int8", "episode"), Timing("s", "d", 0.1, 0.3))]
+    _ratios(measured)
+    assert [row.vs_fp32 for _, row in measured] == [None, None, 0.25, pytest.approx(0.75)]
+
+
 # -- in a real browser -------------------------------------------------------------------
 
 # Added to a copy of a page (the page itself has no script): what the browser made of it.
