@@ -12,15 +12,16 @@ bf16 alike, so no difference could show); at 0.7 the random network is right abo
 the time, and its arg-max is at stake on many queries.
 1. exports (skipped when the file is there, so a run resumes): fp32 and int8 ONNX
    (episode and ``--graph split``; int8 calibrated with ``--calibrate DATA --split
-   test``), fp32 and bf16 AOTInductor and TorchScript (episode);
+   test``), fp32 and bf16 AOTInductor (episode) and TorchScript (episode and split);
 2. ``dmf-export verify --json`` of each low-precision artifact (its drift from the eager
    fp32 original on verify's episode sizes);
 3. ONE ``dmf-export bench`` run at 5w1s75q over all of them: int8 ÷ fp32 for the ONNX
    episode, the split episode and the encoder alone, bf16 ÷ fp32 for AOTInductor and
    TorchScript;
-4. ``dmf-export evaluate`` over ``--episodes`` episodes of each fp32 artifact with its
-   low-precision twin (ONNX int8, AOTInductor bf16, TorchScript bf16): accuracy of each,
-   the difference, and per-query agreement.
+4. ``dmf-export evaluate`` of each fp32 artifact with its low-precision twin: the split
+   pairs (ONNX int8, TorchScript bf16) over ``--episodes`` episodes with evaluate's feature
+   cache, AOTInductor's bf16 episode graph over ``--aoti-episodes`` (uncached); accuracy
+   of each, the difference, and per-query agreement.
 Prints the CPU (lscpu's model name, its AVX-512/AMX flags) first; writes every command's
 JSON and a summary, ``low_precision.json``, into ``--out``. Run it on a quiet machine:
 other load moves the timings, not the accuracy figures. With random weights the
@@ -57,6 +58,8 @@ ARTIFACTS = {
     "dmf.bf16.pt2": ("aoti", "bf16", "episode"),
     "dmf.ts": ("torchscript", "fp32", "episode"),
     "dmf.bf16.ts": ("torchscript", "bf16", "episode"),
+    "dmf.encoder.ts": ("torchscript", "fp32", "split"),
+    "dmf.bf16.encoder.ts": ("torchscript", "bf16", "split"),
 }
 
 
@@ -136,9 +139,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("low-precision"))
     parser.add_argument("--precisions", default="int8,bf16",
                         help="which low precisions to measure (int8: ONNX; bf16: AOTI, TorchScript)")
-    parser.add_argument("--episodes", type=int, default=200, help="evaluate's episodes")
+    parser.add_argument("--episodes", type=int, default=200, help="evaluate's episodes (split pairs)")
+    parser.add_argument("--aoti-episodes", type=int, default=40,
+                        help="evaluate's episodes for the AOTInductor episode graphs (uncached: "
+                             "about 3 s an episode for the pair on 2 cores)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5, help="bench's timed runs per artifact")
+    parser.add_argument("--repeats", type=int, default=3, help="bench's timed runs per artifact")
     parser.add_argument("--sizes", default="5w1s75q", help="bench's episode sizes")
     parser.add_argument("--classes", type=int, default=20)
     parser.add_argument("--images", type=int, default=20, help="images per class (≥ shot + 15)")
@@ -205,13 +211,17 @@ def main(argv=None) -> int:
     summary["vs_fp32"] = ratios
 
     summary["evaluate"] = []
-    pairs = [("dmf.onnx", "dmf.int8.onnx"), ("dmf.pt2", "dmf.bf16.pt2"), ("dmf.ts", "dmf.bf16.ts")]
-    for fp32, low in pairs:
-        if low not in names:
+    # split pairs encode each distinct image once (evaluate's feature cache): the full
+    # --episodes in minutes; AOTInductor's episode graphs run every episode whole
+    pairs = [("dmf.encoder.onnx", "dmf.int8.encoder.onnx", args.episodes),
+             ("dmf.encoder.ts", "dmf.bf16.encoder.ts", args.episodes),
+             ("dmf.pt2", "dmf.bf16.pt2", args.aoti_episodes)]
+    for fp32, low, episodes in pairs:
+        if low not in names or not episodes:
             continue
-        report = measured(f"evaluate-{low}.json", "evaluate", out / fp32, out / low, "--data", pickled,
-                          "--episodes", args.episodes, "--threads", args.threads, "--no-progress",
-                          "--json")
+        report = measured(f"evaluate-{low}-{episodes}.json", "evaluate", out / fp32, out / low,
+                          "--data", pickled, "--episodes", episodes, "--threads", args.threads,
+                          "--no-progress", "--json")
         (first, second), agreement = report["models"], report["agreement"][0]
         summary["evaluate"].append({
             "fp32": fp32, "low": low, "fp32_accuracy": first["accuracy"],
