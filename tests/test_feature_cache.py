@@ -175,3 +175,32 @@ def test_encoder_calls_all_take_the_same_number_of_images():
     features = encode_fixed(encoder, images)
     assert shapes == [ENCODE_BATCH] * 3
     assert torch.equal(features, images[:, :1] * 2)
+
+
+# -- predict ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def predict_folders(tmp_path_factory):
+    """A support folder of 3 classes × 2 images and 80 queries in 4 folders: two chunks of
+    queries (75 + 5), 32×32 as exported (--cifar: used at their stored size)."""
+    root = tmp_path_factory.mktemp("predict")
+    support = write_folders(root / "support", classes=3, images=2, size=EXPORT_IMAGE) / "test"
+    queries = write_folders(root / "queries", classes=4, images=20, size=EXPORT_IMAGE) / "test"
+    return support, sorted(queries.iterdir())
+
+
+@pytest.mark.parametrize("name", ["eager", "onnx"])
+def test_predict_encodes_once_and_gives_the_same_scores_to_the_bit(split_models, predict_folders, name):
+    support, queries = predict_folders
+
+    def predict(*extra):
+        code, output = run_cli("predict", split_models[name], *queries, "--support", support, "--cifar",
+                               "--threads", 2, "--json", *extra)
+        assert code == 0, output
+        return json.loads(output)
+
+    cached, uncached = predict(), predict("--no-feature-cache")
+    assert (cached["feature_cache"], uncached["feature_cache"]) == (True, False)
+    assert len(cached["predictions"]) == 80  # past a chunk's 75
+    # JSON floats round-trip exactly: the same scores to the bit, chunk boundary included
+    assert cached["predictions"] == uncached["predictions"]
