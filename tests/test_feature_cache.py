@@ -73,6 +73,10 @@ def test_cached_and_uncached_give_the_same_digits_and_predictions(split_models, 
     cached, uncached = both_paths
     digits, predictions, model = _figures(cached, split_models[name])
     assert (digits, predictions) == _figures(uncached, split_models[name])[:2]
+    # and the scores to the bit: the hardest queries' margins (float32 from the scores)
+    margins = [(h["episode"], h["query"], h["margin"][str(split_models[name])]) for h in cached["hardest"]]
+    assert margins == [(h["episode"], h["query"], h["margin"][str(split_models[name])])
+                       for h in uncached["hardest"]]
     figures = model["feature_cache"]
     assert figures["used"] is True
     # every image encoded exactly once; every later use a hit
@@ -91,6 +95,9 @@ def test_a_cap_smaller_than_the_split_gives_the_same_digits(split_models, pickle
                        "--cache-overflow", overflow)
     digits, predictions, model = _figures(report, split_models["onnx"])
     assert (digits, predictions) == _figures(both_paths[1], split_models["onnx"])[:2]
+    onnx = str(split_models["onnx"])
+    assert ([(h["episode"], h["query"], h["margin"][onnx]) for h in report["hardest"]] ==
+            [(h["episode"], h["query"], h["margin"][onnx]) for h in both_paths[1]["hardest"]])
     figures = model["feature_cache"]
     distinct = _distinct_images(pickle_root)
     assert figures["capacity_images"] == 4
