@@ -14,6 +14,7 @@ import dataclasses
 import itertools
 import math
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -655,11 +656,18 @@ def _episode_jobs(evaluation, data, drawn, preprocessing, paths, runners, result
         yield index, query_labels, functions
 
 
+# the scores functions below run in the request pool's threads with --clients N: their
+# seconds are added under a lock (a float's += is a read and a write)
+_TIMINGS = threading.Lock()
+
+
 def _timed_scores(path, runner, result, support, support_labels, query, index):
     def run():
         began = time.perf_counter()
         scores = _scores(path, runner, support, support_labels, query, f"episode {index}")
-        result.seconds += time.perf_counter() - began
+        spent = time.perf_counter() - began
+        with _TIMINGS:
+            result.seconds += spent
         return scores
     return run
 
@@ -670,8 +678,9 @@ def _timed_head(path, runner, result, support, labels, query, queries, index):
         began = time.perf_counter()
         scores = _call(path, lambda: runner.head(support, labels, query), where)
         spent = time.perf_counter() - began
-        result.head_seconds += spent
-        result.seconds += spent
+        with _TIMINGS:
+            result.head_seconds += spent
+            result.seconds += spent
         scores = torch.as_tensor(scores).detach().float().cpu()
         if tuple(scores.shape) != (queries, labels.shape[1]):
             raise DMFExportError(f"{path} returned scores {list(scores.shape)} on {where}; "
