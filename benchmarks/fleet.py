@@ -15,7 +15,9 @@ stopped with its stubs whatever happens) and runs, each in its own process,
 for each N, first against that server, then with a second server on the same repository
 against both (the requests spread round robin). ``--evaluate-arg`` passes more to every
 evaluate (``--evaluate-arg=--no-feature-cache`` for the uncached path). Each evaluate is
-bounded by ``--run-timeout`` seconds.
+bounded by ``--run-timeout`` seconds. Each row says which path ran (``path``: ``cached``,
+the encoder and the head through the server with each image encoded once, or
+``uncached``, whole episodes, with evaluate's reason).
 
 Two servers on one machine share its cores: on a 2-core machine with one single-threaded
 instance per model, the fleet can at best double one server's throughput, and the clients'
@@ -67,24 +69,34 @@ def evaluate_command(urls, clients: int, data: Path, episodes: int, protocol: st
 
 
 def run_evaluate(command: list[str], timeout: float) -> dict:
-    """evaluate's JSON report, or {'error': its last line} when it failed."""
+    """evaluate's JSON report (its ``error`` set when it failed mid-run: the episodes
+    completed so far), or {'error': its last line} when it printed none."""
     try:
         result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"no result within {timeout:g} s (--run-timeout)"}
     if result.returncode != 0:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
-        return {"error": lines[-1] if lines else f"exit {result.returncode}"}
+        error = lines[-1] if lines else f"exit {result.returncode}"
+        try:
+            return {**json.loads(result.stdout), "error": error}
+        except ValueError:
+            return {"error": error}
     return json.loads(result.stdout)
 
 
 def row(setup: str, clients: int, episodes: int, report: dict) -> dict:
-    if "error" in report:
+    if "timing" not in report:
         return {"servers": setup, "clients": clients, "episodes": episodes, "error": report["error"]}
-    timing = report["timing"]
+    timing, model = report["timing"], report["models"][0]
+    cache = model["feature_cache"]
     return {"servers": setup, "clients": clients, "episodes": report["episodes"],
+            # which path ran: features encoded once (dmf_encoder + dmf_head) or whole episodes (dmf)
+            "path": "cached" if cache.get("used") else "uncached", "uncached_reason": cache.get("reason"),
+            "encodes": cache.get("encodes"), "hits": cache.get("hits"),
             "episodes_per_second": timing["episodes_per_second"], "setup_seconds": timing["setup_seconds"],
-            "data_wait": timing["data_wait_share"], "accuracy": report["models"][0]["accuracy"]}
+            "data_wait": timing["data_wait_share"], "accuracy": model["accuracy"],
+            "episodes_completed": report["episodes_completed"], "error": report["error"]}
 
 
 def parse_clients(text: str) -> list[int]:
@@ -126,8 +138,11 @@ def main() -> None:
                 rows.append(row(setup, count, args.episodes, run_evaluate(command, args.run_timeout)))
                 if not args.json:
                     r = rows[-1]
-                    figure = (f"{r['episodes_per_second']:6.3f} episodes/s  setup {r['setup_seconds']:5.1f} s  "
-                              f"accuracy {r['accuracy']:.4f}" if "error" not in r else f"FAILED: {r['error']}")
+                    figure = (f"{r['path']:<8}  {r['episodes_per_second']:6.3f} episodes/s  "
+                              f"setup {r['setup_seconds']:5.1f} s  accuracy {r['accuracy']:.4f}"
+                              if "path" in r else "")
+                    if r["error"]:
+                        figure += f"  FAILED: {r['error']}"
                     print(f"{setup:<12} {count:>2} clients  {r['episodes']:>4} episodes  {figure}", flush=True)
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -566,28 +566,44 @@ def _print_accuracy(report) -> None:
 
 
 @main.command()
-@click.argument("artifact", type=click.Path())
-@click.argument("queries", nargs=-1, required=True, type=click.Path())
+@click.argument("artifact", type=click.Path(), required=False)
+@click.argument("queries", nargs=-1, type=click.Path())
 @click.option("--support", "support_dir", required=True, type=click.Path(file_okay=False),
               help="Support folder: DIR/<class>/<images>, any number of images per class.")
 @_runner_options
 @_json_option
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV: query, class, a score per class.")
+@click.option("--feature-cache/--no-feature-cache", default=True, show_default=True,
+              help="Encode the support once and each query once, and run the head per "
+                   "75 queries (checkpoints, split exports, servers with a split repository).")
+@_server_options
 def predict(artifact, queries, support_dir, cifar, workers, image_size, provider, device, threads,
-            as_json, as_csv):
+            as_json, as_csv, feature_cache, servers, protocol, timeout, clients):
     """Classify each of QUERIES (image files, or folders of them) against the classes of
-    the support folder, with ARTIFACT (a checkpoint or any artifact).
+    the support folder, with ARTIFACT (a checkpoint or any artifact), or with the models
+    served at --server (then no ARTIFACT: every argument is a query).
 
     \b
     Images go through the image-folder preprocessing (Resize 92, CenterCrop 84, ImageNet
     mean/std; --cifar: CIFAR-FS's). A class's prototype is the mean of its images' features.
-    Example:
+    Examples:
       dmf-export predict dmf.onnx --support my_classes/ photos/ extra.jpg --csv
+      dmf-export predict --server gpu1:8000 --support my_classes/ photos/
     """
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
+    _check_server_options(servers, protocol, timeout, clients)
+    if clients > 1:
+        raise DMFExportError("predict sends one request at a time: --clients applies to evaluate, "
+                             "verify and bench")
+    if servers and artifact is not None:
+        queries = (artifact, *queries)  # with --server there is no ARTIFACT: all are queries
+        artifact = None
+    if not queries:
+        raise click.UsageError("give the query images (files or folders) to classify")
     result = run_predict(artifact, support_dir, queries, cifar=cifar, provider=provider,
                          device=device, threads=threads, workers=workers, image_size=image_size,
+                         cache=feature_cache, servers=servers, protocol=protocol, timeout=timeout,
                          log=_log)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))

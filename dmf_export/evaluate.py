@@ -8,13 +8,16 @@ accuracies in float32 as its numpy computed them).
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
+import itertools
 import math
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +28,7 @@ from dmf_export.checkpoint import inspect_checkpoint, load_checkpoint
 from dmf_export.contract import DEFAULT_IMAGE_SIZE, check_episode, check_images
 from dmf_export.data import (
     ORIGINAL_SEED, describe_skipped, draw_episodes, iterate_episodes, load_episode, one_hot,
-    open_split, prefetched, preprocessing_for, query_files, read_images, support_folders,
+    open_split, preprocessing_for, query_files, read_images, support_folders,
 )
 from dmf_export.errors import DMFExportError, summarize
 from dmf_export.formats import for_path, open_artifact, read_info
@@ -500,17 +503,19 @@ def evaluate(paths: Sequence, data_root, *, split: str = "test", layout: str | N
     evaluation.setup_seconds = time.perf_counter() - start
     bar = _Progress(episodes, progress)
     right = 0
-    in_flight = clients if servers else 1
     try:
         with contextlib.ExitStack() as stack:
+            for runner in runners:  # a server's clients, a local repository's server
+                if callable(getattr(runner, "close", None)):
+                    stack.callback(runner.close)
             stack.enter_context(contextlib.closing(bar))
+            # servers: up to ``clients`` requests in flight (encode batches and heads, or
+            # episodes); local models: one call at a time, in this thread
+            requests = stack.enter_context(contextlib.closing(_Requests(clients if servers else 1)))
             jobs = _episode_jobs(evaluation, data, drawn, preprocessing, paths, runners, results,
-                                 cached, workers, cache_mb, cache_overflow, stack, log)
-            if in_flight > 1:  # up to ``clients`` episodes' requests in flight, taken in order
-                stream = prefetched(((lambda job=job: (job[0], job[1], [fn() for fn in job[2]]))
-                                     for job in jobs), in_flight, in_flight)
-            else:
-                stream = ((index, labels, [fn() for fn in fns]) for index, labels, fns in jobs)
+                                 cached, workers, cache_mb, cache_overflow, requests, stack, log)
+            stream = requests.in_order((lambda job=job: (job[0], job[1], [fn() for fn in job[2]]))
+                                       for job in jobs)
             stack.enter_context(contextlib.closing(stream))
             for index, query_labels, all_scores in stream:
                 episode = drawn[index]
@@ -533,6 +538,48 @@ def evaluate(paths: Sequence, data_root, *, split: str = "test", layout: str | N
             del result.margins[len(evaluation.episode_classes):]
     evaluation.wall_seconds = time.perf_counter() - start
     return evaluation
+
+
+class _Requests:
+    """Requests to the models, ``clients`` at a time, results taken in order.
+
+    One pool of ``clients`` threads (its own: ``data.prefetched``'s decoding pool is capped
+    at ``data.MAX_WORKERS``, --clients at ``remote.MAX_CLIENTS``) shared by the streams of
+    a run: the cached path's encode batches and its heads, or the uncached path's episodes.
+    No request waits on another (a head's features are gathered in the calling thread
+    before it is submitted), so sharing the pool cannot deadlock, and at most ``clients``
+    requests are in flight in all. Each stream runs at most ``clients`` tasks ahead, so
+    memory is bounded by ``clients`` × (one episode's features or images + one encode
+    batch's features). ``clients`` 1: each task runs in the calling thread when taken."""
+
+    def __init__(self, clients: int):
+        self.clients = clients
+        self.pool = (concurrent.futures.ThreadPoolExecutor(clients, thread_name_prefix="dmf-request")
+                     if clients > 1 else None)
+
+    def in_order(self, tasks) -> Iterator:
+        if self.pool is None:
+            return (task() for task in tasks)
+        return self._ahead(iter(tasks))
+
+    def _ahead(self, tasks) -> Iterator:
+        pending: collections.deque = collections.deque()
+        try:
+            for task in itertools.islice(tasks, self.clients):
+                pending.append(self.pool.submit(task))
+            while pending:
+                result = pending.popleft().result()
+                task = next(tasks, None)
+                if task is not None:
+                    pending.append(self.pool.submit(task))
+                yield result
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _choose_cached(paths, runners, results, first, cache: bool, log) -> list[int]:
@@ -577,7 +624,7 @@ def _call(path, fn, where: str):
 
 
 def _episode_jobs(evaluation, data, drawn, preprocessing, paths, runners, results, cached,
-                  workers, cache_mb, overflow, stack, log):
+                  workers, cache_mb, overflow, requests, stack, log):
     """(episode index, query labels, a scores function per model) for each episode, in
     order: uncached models get their episode's images, cached ones their features."""
     way, queries = evaluation.way, evaluation.way * evaluation.queries_per_class
@@ -589,7 +636,7 @@ def _episode_jobs(evaluation, data, drawn, preprocessing, paths, runners, result
     caches = None
     if cached:
         caches = _Caches(evaluation, data, drawn, preprocessing, [runners[k] for k in cached],
-                         [results[k] for k in cached], workers, cache_mb, overflow, stack, log)
+                         [results[k] for k in cached], workers, cache_mb, overflow, requests, stack, log)
     for index, episode in enumerate(drawn):
         labels = one_hot([label for _, label in episode.support], way)
         query_labels = torch.as_tensor([label for _, label in episode.query], dtype=torch.int64)
@@ -609,11 +656,18 @@ def _episode_jobs(evaluation, data, drawn, preprocessing, paths, runners, result
         yield index, query_labels, functions
 
 
+# the scores functions below run in the request pool's threads with --clients N: their
+# seconds are added under a lock (a float's += is a read and a write)
+_TIMINGS = threading.Lock()
+
+
 def _timed_scores(path, runner, result, support, support_labels, query, index):
     def run():
         began = time.perf_counter()
         scores = _scores(path, runner, support, support_labels, query, f"episode {index}")
-        result.seconds += time.perf_counter() - began
+        spent = time.perf_counter() - began
+        with _TIMINGS:
+            result.seconds += spent
         return scores
     return run
 
@@ -624,8 +678,9 @@ def _timed_head(path, runner, result, support, labels, query, queries, index):
         began = time.perf_counter()
         scores = _call(path, lambda: runner.head(support, labels, query), where)
         spent = time.perf_counter() - began
-        result.head_seconds += spent
-        result.seconds += spent
+        with _TIMINGS:
+            result.head_seconds += spent
+            result.seconds += spent
         scores = torch.as_tensor(scores).detach().float().cpu()
         if tuple(scores.shape) != (queries, labels.shape[1]):
             raise DMFExportError(f"{path} returned scores {list(scores.shape)} on {where}; "
@@ -639,7 +694,7 @@ class _Caches:
     encoded by every cached model): one plan, the cap shared equally."""
 
     def __init__(self, evaluation, data, drawn, preprocessing, runners, results, workers, cache_mb,
-                 overflow, stack, log):
+                 overflow, requests, stack, log):
         self.evaluation, self.runners, self.results = evaluation, runners, results
         image_size = data.pixels([drawn[0].query[0][0]], preprocessing).shape[1]
         per_image = feature_cache.feature_bytes(image_size)
@@ -664,8 +719,11 @@ class _Caches:
                if plan.spill_slots else "")
             + f"; {plan.encodes} encodes")
         order = [image for step in plan.steps for image in step.encode]
-        self.batches = stack.enter_context(contextlib.closing(
+        batches = stack.enter_context(contextlib.closing(
             feature_cache.decoded_batches(data, order, preprocessing, workers)))
+        # encoded batches in order, ``requests.clients`` at a time (a server: in flight at once)
+        self.encoded = stack.enter_context(contextlib.closing(
+            requests.in_order(self._encode_tasks(batches))))
         self.pending = [collections.deque() for _ in runners]
         for result, store in zip(results, self.stores):
             result.feature_cache = {"used": True, "overflow": overflow, "cap_mb": cap_mb,
@@ -675,16 +733,31 @@ class _Caches:
         self.per_image = per_image
         self.drawn = drawn
 
+    def _encode_tasks(self, batches):
+        """A task per decoded batch (taken in the calling thread, which waits for the
+        decoding): every cached model's features of it, and the seconds each took."""
+        while True:
+            waited = time.perf_counter()
+            try:
+                images, seconds = next(batches)
+            except StopIteration:
+                return
+            self.evaluation.data_wait_seconds += time.perf_counter() - waited
+            self.evaluation.data_seconds += seconds
+            yield lambda images=images: [self._encode(runner, result, images)
+                                         for runner, result in zip(self.runners, self.results)]
+
+    @staticmethod
+    def _encode(runner, result, images):
+        began = time.perf_counter()
+        features = _call(result.path, lambda: feature_cache.encode_fixed(runner.encode, images),
+                         "encoding images")
+        return features, time.perf_counter() - began
+
     def _encode_next_batch(self) -> None:
-        waited = time.perf_counter()
-        images, seconds = next(self.batches)
-        self.evaluation.data_wait_seconds += time.perf_counter() - waited
-        self.evaluation.data_seconds += seconds
-        for runner, result, pending in zip(self.runners, self.results, self.pending):
-            began = time.perf_counter()
-            features = _call(result.path, lambda: feature_cache.encode_fixed(runner.encode, images),
-                             "encoding images")
-            spent = time.perf_counter() - began
+        # the seconds are added here, in the calling thread; with several requests in
+        # flight they are the requests' own times, summed (more than the wall time)
+        for result, pending, (features, spent) in zip(self.results, self.pending, next(self.encoded)):
             result.encode_seconds += spent
             result.seconds += spent
             pending.extend(features)
@@ -721,6 +794,7 @@ class Prediction:
     shots: list[int]               # support images per class
     queries: list[str]
     scores: list[list[float]]      # [query][class]
+    feature_cache: bool = False    # the support and the queries encoded once (not per chunk)
 
     @property
     def predicted(self) -> list[str]:
@@ -730,6 +804,7 @@ class Prediction:
         return {"artifact": self.artifact, "backend": self.backend,
                 "support": {"folder": self.support,
                             "classes": [{"name": n, "images": s} for n, s in zip(self.classes, self.shots)]},
+                "feature_cache": self.feature_cache,
                 "predictions": [{"query": q, "class": c, "scores": dict(zip(self.classes, row))}
                                 for q, c, row in zip(self.queries, self.predicted, self.scores)]}
 
@@ -742,10 +817,23 @@ class Prediction:
 
 def predict(path, support_dir, queries: Sequence, *, cifar: bool = False, provider: str = "cpu",
             device: str = "cpu", threads: int | None = None, workers: int = 2,
-            image_size: int | None = None, log: Callable[[str], None] = lambda _: None) -> Prediction:
+            image_size: int | None = None, cache: bool = True, servers: Sequence[str] = (),
+            protocol: str = "http", timeout: float = DEFAULT_TIMEOUT,
+            log: Callable[[str], None] = lambda _: None) -> Prediction:
     """Scores of each query image against the classes of ``support_dir`` (any number of
     images per class: a prototype is its class's mean feature). ``image_size``: as
-    ``evaluate``'s. ``log`` gets the warnings (entries skipped, a one-class support)."""
+    ``evaluate``'s. ``log`` gets the warnings (entries skipped, a one-class support).
+    ``servers``: the models served there answer (``path`` is None).
+
+    The queries go ``PREDICT_BATCH`` at a time. A model whose encoder and head run apart
+    encodes the support once and each chunk of queries once, and runs the head per chunk
+    (``cache`` False: each chunk is a whole episode, its support encoded again); as in
+    ``evaluate``, the first chunk is also run uncached and must give the same scores to
+    the bit, else the model runs uncached and says why."""
+    if servers and path is not None:
+        raise DMFExportError("--server classifies with the served models: give no ARTIFACT with it")
+    if not servers and path is None:
+        raise DMFExportError("give an ARTIFACT (a checkpoint or any artifact), or --server")
     skipped: list = []
     classes = support_folders(support_dir, skipped)
     query_paths = query_files(queries, skipped)
@@ -756,23 +844,70 @@ def predict(path, support_dir, queries: Sequence, *, cifar: bool = False, provid
         log(f"Warning: {support_dir} has one class ({classes[0][0]}): every query gets it; "
             "give two or more class folders for an answer that means something")
     preprocessing = preprocessing_for(cifar)
-    runner = open_model(path, provider=provider, device=device, threads=threads,
-                        image_size=checkpoint_image_size(image_size, cifar))
-    support_paths = [image for _, images in classes for image in images]
-    support = read_images(support_paths, preprocessing, workers)
-    _check_image_size(path, runner, support)
-    support_labels = one_hot([label for label, (_, images) in enumerate(classes) for _ in images],
-                             len(classes))
-    scores: list[list[float]] = []
-    for first in range(0, len(query_paths), PREDICT_BATCH):
-        chunk = query_paths[first:first + PREDICT_BATCH]
-        query = read_images(chunk, preprocessing, workers)
-        if query.shape[-2:] != support.shape[-2:]:
-            raise DMFExportError(f"{chunk[0]} is {query.shape[-1]}×{query.shape[-2]} after "
-                                 f"preprocessing but the support images are "
-                                 f"{support.shape[-1]}×{support.shape[-2]}")
-        where = f"queries {first + 1}–{first + len(chunk)}"
-        scores += _scores(path, runner, support, support_labels, query, where).tolist()
+    with contextlib.ExitStack() as stack:
+        if servers:
+            runner = open_server(list(servers), protocol=protocol, timeout=timeout)
+            path = ", ".join(servers)
+        else:
+            runner = open_model(path, provider=provider, device=device, threads=threads,
+                                image_size=checkpoint_image_size(image_size, cifar))
+        if callable(getattr(runner, "close", None)):
+            stack.callback(runner.close)
+        support_paths = [image for _, images in classes for image in images]
+        support = read_images(support_paths, preprocessing, workers)
+        _check_image_size(path, runner, support)
+        support_labels = one_hot([label for label, (_, images) in enumerate(classes) for _ in images],
+                                 len(classes))
+        support_features = None  # the cached path's, encoded with the first chunk
+        scores: list[list[float]] = []
+        for first in range(0, len(query_paths), PREDICT_BATCH):
+            chunk = query_paths[first:first + PREDICT_BATCH]
+            query = read_images(chunk, preprocessing, workers)
+            if query.shape[-2:] != support.shape[-2:]:
+                raise DMFExportError(f"{chunk[0]} is {query.shape[-1]}×{query.shape[-2]} after "
+                                     f"preprocessing but the support images are "
+                                     f"{support.shape[-1]}×{support.shape[-2]}")
+            where = f"queries {first + 1}–{first + len(chunk)}"
+            if first == 0 and cache:
+                checked = _predict_cached(path, runner, support, support_labels, query, where, log)
+                cache = checked is not None
+                if cache:
+                    support_features, chunk_scores = checked
+                    scores += chunk_scores.tolist()
+                    continue
+            if not cache:
+                scores += _scores(path, runner, support, support_labels, query, where).tolist()
+                continue
+            query_features = _call(path, lambda: feature_cache.encode_fixed(runner.encode, query), where)
+            scores += _head_scores(path, runner, support_features, support_labels, query_features,
+                                   where).tolist()
     return Prediction(str(path), getattr(runner, "backend", "?"), str(support_dir),
                       [name for name, _ in classes], [len(images) for _, images in classes],
-                      [str(q) for q in query_paths], scores)
+                      [str(q) for q in query_paths], scores, bool(cache and support_features is not None))
+
+
+def _head_scores(path, runner, support_features, support_labels, query_features, where: str) -> torch.Tensor:
+    scores = _call(path, lambda: runner.head(support_features, support_labels, query_features), where)
+    scores = torch.as_tensor(scores).detach().float().cpu()
+    expected = (query_features.shape[0], support_labels.shape[1])
+    if tuple(scores.shape) != expected:
+        raise DMFExportError(f"{path} returned scores {list(scores.shape)} on {where}; "
+                             f"expected {list(expected)}")
+    return scores
+
+
+def _predict_cached(path, runner, support, support_labels, query, where: str, log):
+    """(support features, the first chunk's scores) where ``runner`` classifies on
+    features encoded once: splittable, and the first chunk's scores through its encoder
+    and head the same to the bit as its own call's; else None."""
+    if not getattr(runner, "splittable", False):
+        return None  # a whole-episode graph: each chunk is an episode, as it always was
+    own = _scores(path, runner, support, support_labels, query, where)
+    features = [_call(path, lambda images=images: feature_cache.encode_fixed(runner.encode, images), where)
+                for images in (support, query)]
+    if torch.equal(own, _head_scores(path, runner, features[0], support_labels, features[1], where)):
+        return features[0], own
+    log(f"{path}: encoding in batches of {feature_cache.ENCODE_BATCH} changes its scores on the "
+        "first queries: its encoder's arithmetic depends on the batch here, so each chunk of "
+        "queries runs with its support as one episode")
+    return None

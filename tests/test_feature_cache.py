@@ -73,6 +73,10 @@ def test_cached_and_uncached_give_the_same_digits_and_predictions(split_models, 
     cached, uncached = both_paths
     digits, predictions, model = _figures(cached, split_models[name])
     assert (digits, predictions) == _figures(uncached, split_models[name])[:2]
+    # and the scores to the bit: the hardest queries' margins (float32 from the scores)
+    margins = [(h["episode"], h["query"], h["margin"][str(split_models[name])]) for h in cached["hardest"]]
+    assert margins == [(h["episode"], h["query"], h["margin"][str(split_models[name])])
+                       for h in uncached["hardest"]]
     figures = model["feature_cache"]
     assert figures["used"] is True
     # every image encoded exactly once; every later use a hit
@@ -91,6 +95,9 @@ def test_a_cap_smaller_than_the_split_gives_the_same_digits(split_models, pickle
                        "--cache-overflow", overflow)
     digits, predictions, model = _figures(report, split_models["onnx"])
     assert (digits, predictions) == _figures(both_paths[1], split_models["onnx"])[:2]
+    onnx = str(split_models["onnx"])
+    assert ([(h["episode"], h["query"], h["margin"][onnx]) for h in report["hardest"]] ==
+            [(h["episode"], h["query"], h["margin"][onnx]) for h in both_paths[1]["hardest"]])
     figures = model["feature_cache"]
     distinct = _distinct_images(pickle_root)
     assert figures["capacity_images"] == 4
@@ -175,3 +182,32 @@ def test_encoder_calls_all_take_the_same_number_of_images():
     features = encode_fixed(encoder, images)
     assert shapes == [ENCODE_BATCH] * 3
     assert torch.equal(features, images[:, :1] * 2)
+
+
+# -- predict ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def predict_folders(tmp_path_factory):
+    """A support folder of 3 classes × 2 images and 80 queries in 4 folders: two chunks of
+    queries (75 + 5), 32×32 as exported (--cifar: used at their stored size)."""
+    root = tmp_path_factory.mktemp("predict")
+    support = write_folders(root / "support", classes=3, images=2, size=EXPORT_IMAGE) / "test"
+    queries = write_folders(root / "queries", classes=4, images=20, size=EXPORT_IMAGE) / "test"
+    return support, sorted(queries.iterdir())
+
+
+@pytest.mark.parametrize("name", ["eager", "onnx"])
+def test_predict_encodes_once_and_gives_the_same_scores_to_the_bit(split_models, predict_folders, name):
+    support, queries = predict_folders
+
+    def predict(*extra):
+        code, output = run_cli("predict", split_models[name], *queries, "--support", support, "--cifar",
+                               "--threads", 2, "--json", *extra)
+        assert code == 0, output
+        return json.loads(output)
+
+    cached, uncached = predict(), predict("--no-feature-cache")
+    assert (cached["feature_cache"], uncached["feature_cache"]) == (True, False)
+    assert len(cached["predictions"]) == 80  # past a chunk's 75
+    # JSON floats round-trip exactly: the same scores to the bit, chunk boundary included
+    assert cached["predictions"] == uncached["predictions"]

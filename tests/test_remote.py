@@ -8,13 +8,16 @@ models are served too. Skips as tests/test_triton.py does where the wheel cannot
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
+import time
 
 import pytest
 import torch
 from cli_helpers import one_error_line, run_cli
+from fewshot_data import write_folders, write_pickle
 
 from dmf_export.contract import EpisodeSize, make_episode
 from dmf_export.errors import DMFExportError
@@ -71,6 +74,29 @@ def second_server(split_repo, server_env):
         yield running
 
 
+@pytest.fixture(scope="module")
+def pickle_root(tmp_path_factory):
+    """A split at the repository's image size: 12 classes × 5 images."""
+    return write_pickle(tmp_path_factory.mktemp("pickle"), classes=12, images=5, size=IMAGE)
+
+
+def evaluate_cli(*args, episodes=4):
+    """(exit code, output) of ``evaluate ARGS --json`` on tiny 5-way 1-shot 2-query episodes."""
+    return run_cli("evaluate", *args, "--json", "--episodes", episodes, "--queries-per-class", 2,
+                   "--threads", 2, "--no-progress")
+
+
+def reported(code, output):
+    assert code == 0, output
+    return json.loads(output)
+
+
+def figures(report):
+    (model,) = report["models"]
+    return (f"{model['accuracy']:.2%} {model['ci95']:.2%}",
+            [next(iter(e["predicted"].values())) for e in report["per_episode"]])
+
+
 def episodes(count: int, size=EpisodeSize(5, 1, 3)):
     return [make_episode(size, IMAGE, seed=40 + i) for i in range(count)]
 
@@ -119,6 +145,38 @@ def test_two_clients_from_two_threads_get_the_eager_models_scores(server, refere
         runner.close()
 
 
+def test_evaluate_against_a_server_cached_and_not_gives_the_eager_models_digits(server, split_repo, pickle_root):
+    url = server.url("http")
+    cached = reported(*evaluate_cli("--server", url, "--clients", 2, "--data", pickle_root))
+    uncached = reported(*evaluate_cli("--server", url, "--clients", 2, "--data", pickle_root,
+                                      "--no-feature-cache"))
+    eager = reported(*evaluate_cli(split_repo[0], "--image-size", IMAGE, "--data", pickle_root,
+                                   "--no-feature-cache"))
+    # the split repository: encoder and head through the server, each image encoded once
+    assert cached["models"][0]["feature_cache"]["used"] is True
+    assert cached["models"][0]["feature_cache"]["hits"] > 0
+    assert uncached["models"][0]["feature_cache"] == {"used": False, "reason": "--no-feature-cache"}
+    assert figures(cached) == figures(uncached) == figures(eager)
+    assert cached["episodes_completed"] == 4 and cached["error"] is None
+
+
+def test_predict_against_a_server_scores_as_the_eager_model(server, split_repo, tmp_path):
+    support = write_folders(tmp_path / "support", classes=3, images=2, size=IMAGE) / "test"
+    queries = write_folders(tmp_path / "queries", classes=2, images=2, size=IMAGE) / "test"
+
+    def predict(*args):
+        return reported(*run_cli("predict", *args, queries, "--support", support, "--cifar", "--json"))
+
+    served = predict("--server", server.url("grpc"), "--protocol", "grpc")
+    eager = predict(split_repo[0], "--no-feature-cache")
+    assert served["feature_cache"] is True
+    assert [p["class"] for p in served["predictions"]] == [p["class"] for p in eager["predictions"]]
+    classes = list(eager["predictions"][0]["scores"])
+    as_tensor = lambda report: torch.tensor([[p["scores"][c] for c in classes]  # noqa: E731
+                                             for p in report["predictions"]])
+    torch.testing.assert_close(as_tensor(served), as_tensor(eager), rtol=1e-4, atol=1e-4)
+
+
 def test_two_servers_as_a_fleet_share_the_requests_and_answer_alike(server, second_server, reference):
     before = [_served_count(s) for s in (server, second_server)]
     runner = open_server([server.url("http"), second_server.url("http")], timeout=TIMEOUT)
@@ -132,7 +190,7 @@ def test_two_servers_as_a_fleet_share_the_requests_and_answer_alike(server, seco
     assert [_served_count(s) - b for s, b in zip((server, second_server), before)] == [2, 2]
 
 
-def test_a_fleet_whose_servers_serve_different_models_is_refused_in_one_line(server, second_server):
+def test_a_fleet_whose_servers_serve_different_models_is_refused_in_one_line(server, second_server, pickle_root):
     control = http.InferenceServerClient(second_server.url("http"))
     control.unload_model("dmf_encoder_python")
     try:
@@ -144,6 +202,9 @@ def test_a_fleet_whose_servers_serve_different_models_is_refused_in_one_line(ser
         code, output = run_cli("verify", "-c", "unused.pth.tar", "--server", second_server.url("http"))
         line = one_error_line(output)
         assert code == 2 and "serves no model 'dmf' (it serves: dmf_head_python)" in line, line
+        code, output = evaluate_cli("--server", second_server.url("http"), "--data", pickle_root)
+        line = one_error_line(output)
+        assert code == 2 and "serves no model 'dmf' (it serves: dmf_head_python)" in line, line
     finally:
         control.load_model(EPISODE_MODEL)
         control.load_model("dmf_encoder_python")
@@ -151,13 +212,16 @@ def test_a_fleet_whose_servers_serve_different_models_is_refused_in_one_line(ser
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_an_unreachable_port_is_one_line(protocol):
+def test_an_unreachable_port_is_one_line(protocol, pickle_root):
     (port,) = free_ports(1)
     with pytest.raises(DMFExportError, match=rf"^{protocol}://127.0.0.1:{port}: connection refused"):
         open_server([f"127.0.0.1:{port}"], protocol=protocol, timeout=5)
     code, output = run_cli("bench", "-c", "unused.pth.tar", "--server", f"127.0.0.1:{port}",
                            "--protocol", protocol, "--no-eager", "--no-backbone")
     assert code == 2 and "connection refused" in one_error_line(output)
+    code, output = evaluate_cli("--server", f"127.0.0.1:{port}", "--protocol", protocol, "--data", pickle_root)
+    assert code == 2 and one_error_line(output) == (f"Error: {protocol}://127.0.0.1:{port}: connection "
+                                                    "refused (is a Triton server running there?)")
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -204,24 +268,35 @@ def test_a_local_split_repository_runs_its_encoder_and_head(split_repo, server_e
 
 
 # last: it kills second_server
-def test_a_server_killed_mid_run_ends_the_run_in_one_line(second_server):
-    runner = open_server([second_server.url("http")], timeout=TIMEOUT)
-    answered, failures = [], []
+def test_a_server_killed_mid_run_ends_evaluate_in_one_line_with_the_episodes_so_far(second_server,
+                                                                                   pickle_root):
+    """evaluate --server with 2 clients; the server is killed once it has answered 3 heads
+    (watched through its own statistics); --json still reports the episodes completed."""
+    url = second_server.url("http")
+    stop = threading.Event()
 
-    def run():
-        try:
-            for episode in episodes(50):
-                answered.append(runner(*episode))
-                if len(answered) == 2:
-                    os.killpg(second_server.process.pid, signal.SIGKILL)
-        except DMFExportError as err:
-            failures.append(err)
+    def kill_after_three_heads():
+        while not stop.is_set():
+            if _served_count(second_server, "dmf_head_python") >= 3:
+                os.killpg(second_server.process.pid, signal.SIGKILL)
+                return
+            time.sleep(0.01)
 
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join(TIMEOUT)
-    runner.close()
-    assert len(answered) == 2 and len(failures) == 1, (len(answered), failures)
-    message = str(failures[0])
-    assert message.startswith(f"http://{second_server.url('http')}: ") and "\n" not in message
-    assert "mid-run" in message, message
+    killer = threading.Thread(target=kill_after_three_heads)
+    killer.start()
+    try:
+        code, output = evaluate_cli("--server", url, "--clients", 2, "--data", pickle_root, episodes=2000)
+    finally:
+        stop.set()
+        killer.join(TIMEOUT)
+    line = one_error_line(output)
+    assert code == 2 and line.startswith(f"Error: http://{url}: ") and "mid-run" in line, line
+    report = json.loads(output[:output.rindex("Error: ")])
+    completed = report["episodes_completed"]
+    assert 1 <= completed < 2000 and line.endswith(f"(after {completed} of 2000 episodes)"), line
+    assert report["error"] and report["error"] in line
+    assert len(report["per_episode"]) == completed
+    # the figures are those of the completed episodes
+    (model,) = report["models"]
+    correct = sum(next(iter(e["correct"].values())) for e in report["per_episode"])
+    assert model["accuracy"] == correct / (completed * 10)
