@@ -149,11 +149,16 @@ def _scores(path, runner, support, support_labels, query, where: str) -> torch.T
         raise
     except Exception as err:
         raise DMFExportError(f"{path} failed on {where} ({summarize(err)})") from err
+    return _checked_scores(path, scores, query.shape[0], support_labels.shape[1], where)
+
+
+def _checked_scores(path, scores, queries: int, way: int, where: str) -> torch.Tensor:
+    """``scores`` as a float32 CPU tensor, or one line if they are not ``[queries, way]``
+    (a whole episode's call, or a head's on cached features)."""
     scores = torch.as_tensor(scores).detach().float().cpu()
-    expected = (query.shape[0], support_labels.shape[1])
-    if tuple(scores.shape) != expected:
+    if tuple(scores.shape) != (queries, way):
         raise DMFExportError(f"{path} returned scores {list(scores.shape)} on {where}; "
-                             f"expected {list(expected)}")
+                             f"expected {[queries, way]}")
     return scores
 
 
@@ -681,11 +686,7 @@ def _timed_head(path, runner, result, support, labels, query, queries, index):
         with _TIMINGS:
             result.head_seconds += spent
             result.seconds += spent
-        scores = torch.as_tensor(scores).detach().float().cpu()
-        if tuple(scores.shape) != (queries, labels.shape[1]):
-            raise DMFExportError(f"{path} returned scores {list(scores.shape)} on {where}; "
-                                 f"expected {[queries, labels.shape[1]]}")
-        return scores
+        return _checked_scores(path, scores, queries, labels.shape[1], where)
     return run
 
 
@@ -888,12 +889,7 @@ def predict(path, support_dir, queries: Sequence, *, cifar: bool = False, provid
 
 def _head_scores(path, runner, support_features, support_labels, query_features, where: str) -> torch.Tensor:
     scores = _call(path, lambda: runner.head(support_features, support_labels, query_features), where)
-    scores = torch.as_tensor(scores).detach().float().cpu()
-    expected = (query_features.shape[0], support_labels.shape[1])
-    if tuple(scores.shape) != expected:
-        raise DMFExportError(f"{path} returned scores {list(scores.shape)} on {where}; "
-                             f"expected {list(expected)}")
-    return scores
+    return _checked_scores(path, scores, query_features.shape[0], support_labels.shape[1], where)
 
 
 def _predict_cached(path, runner, support, support_labels, query, where: str, log):
