@@ -143,12 +143,7 @@ def _check_image_size(path, runner, images: torch.Tensor) -> None:
 
 
 def _scores(path, runner, support, support_labels, query, where: str) -> torch.Tensor:
-    try:
-        scores = runner(support, support_labels, query)
-    except DMFExportError:
-        raise
-    except Exception as err:
-        raise DMFExportError(f"{path} failed on {where} ({summarize(err)})") from err
+    scores = _call(path, lambda: runner(support, support_labels, query), where)
     return _checked_scores(path, scores, query.shape[0], support_labels.shape[1], where)
 
 
@@ -601,12 +596,8 @@ def _choose_cached(paths, runners, results, first, cache: bool, log) -> list[int
             log(f"{path}: uncached, {reason}")
             result.feature_cache = {"used": False, "reason": reason}
             continue
-        where = "episode 0 (checking the cache)"
-        own = _scores(path, runner, first.support, first.support_labels, first.query, where)
-        features = [_call(path, lambda images=images: feature_cache.encode_fixed(runner.encode, images), where)
-                    for images in (first.support, first.query)]
-        through_cache = _call(path, lambda: runner.head(features[0], first.support_labels, features[1]), where)
-        through_cache = torch.as_tensor(through_cache).detach().float().cpu()
+        own, _, through_cache = _through_cache(path, runner, first.support, first.support_labels,
+                                               first.query, "episode 0 (checking the cache)")
         if not torch.equal(own, through_cache):
             difference = float((own - through_cache).abs().max())
             reason = (f"encoding in batches of {feature_cache.ENCODE_BATCH} changes its scores on "
@@ -617,6 +608,15 @@ def _choose_cached(paths, runners, results, first, cache: bool, log) -> list[int
             continue
         chosen.append(k)
     return chosen
+
+
+def _through_cache(path, runner, support, support_labels, query, where: str):
+    """(``runner``'s own scores, the features encoded in fixed-size batches, the head's
+    scores on them): the cached path must give the own scores to the bit."""
+    own = _scores(path, runner, support, support_labels, query, where)
+    features = [_call(path, lambda images=images: feature_cache.encode_fixed(runner.encode, images), where)
+                for images in (support, query)]
+    return own, features, _head_scores(path, runner, features[0], support_labels, features[1], where)
 
 
 def _call(path, fn, where: str):
@@ -898,10 +898,8 @@ def _predict_cached(path, runner, support, support_labels, query, where: str, lo
     and head the same to the bit as its own call's; else None."""
     if not getattr(runner, "splittable", False):
         return None  # a whole-episode graph: each chunk is an episode, as it always was
-    own = _scores(path, runner, support, support_labels, query, where)
-    features = [_call(path, lambda images=images: feature_cache.encode_fixed(runner.encode, images), where)
-                for images in (support, query)]
-    if torch.equal(own, _head_scores(path, runner, features[0], support_labels, features[1], where)):
+    own, features, through_cache = _through_cache(path, runner, support, support_labels, query, where)
+    if torch.equal(own, through_cache):
         return features[0], own
     log(f"{path}: encoding in batches of {feature_cache.ENCODE_BATCH} changes its scores on the "
         "first queries: its encoder's arithmetic depends on the batch here, so each chunk of "
