@@ -27,21 +27,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from evaluate_speed import write_dataset  # noqa: E402  (the benchmarks' own synthetic split)
 
+from dmf_export import cpu  # noqa: E402
+
 
 def cpu_flags() -> str:
     """The model name and the vector extensions of this CPU (what the timings depend on)."""
-    name, flags = platform.processor(), set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and not name:
-                name = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    vector = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "sse4")))
-    return f"{name}; {' '.join(vector)}"
+    vector = sorted(f for f in cpu.cpu_flags() or () if f.startswith(("avx", "amx", "fma", "sse4")))
+    return f"{cpu.model_name() or platform.processor()}; {' '.join(vector)}"
 
 
 def write_split_models(out: Path) -> dict[str, Path]:

@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import numpy as np  # noqa: E402
 from evaluate_speed import PICKLE_TEST, synthetic_image  # noqa: E402
 
+from dmf_export import cpu  # noqa: E402
 from dmf_export.synthetic import write_random_checkpoint  # noqa: E402
 
 # name → (format, precision, graph); the fp32 twin of a low-precision artifact is the
@@ -64,24 +65,9 @@ ARTIFACTS = {
 
 
 def cpu_description() -> dict:
-    """lscpu's model name and the CPU's AVX-512 and AMX flags."""
-    model = ""
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    wanted = sorted(f for f in flags if f.startswith(("avx512", "amx")))
-    return {"model": model, "flags": wanted}
+    """The CPU's model name and its AVX-512 and AMX flags."""
+    wanted = sorted(f for f in cpu.cpu_flags() or () if f.startswith(("avx512", "amx")))
+    return {"model": cpu.model_name(), "flags": wanted}
 
 
 def write_split(root: Path, classes: int, images: int, noise: float) -> Path:

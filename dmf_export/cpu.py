@@ -12,18 +12,31 @@ CPUINFO = Path("/proc/cpuinfo")
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
-def cpu_flags(cpuinfo: Path | None = None) -> frozenset[str] | None:
-    """The flags of this CPU's first processor (``/proc/cpuinfo``), or None where the file
-    cannot be read (not Linux): then nobody here knows what the CPU has."""
+def _first(keys: tuple[str, ...], cpuinfo: Path | None) -> str | None:
+    """The value of the first line of ``/proc/cpuinfo`` whose key is one of ``keys`` ('' if
+    none is), or None where the file cannot be read."""
     try:
         text = Path(cpuinfo or CPUINFO).read_text(errors="replace")
     except OSError:
         return None
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
+        if key.strip() in keys:
+            return value.strip()
+    return ""
+
+
+def cpu_flags(cpuinfo: Path | None = None) -> frozenset[str] | None:
+    """The flags of this CPU's first processor (``/proc/cpuinfo``), or None where the file
+    cannot be read (not Linux): then nobody here knows what the CPU has."""
+    value = _first(("flags", "Features"), cpuinfo)
+    return None if value is None else frozenset(value.split())
+
+
+def model_name(cpuinfo: Path | None = None) -> str:
+    """This CPU's model name (``/proc/cpuinfo``), or '' where it does not say (what the
+    benchmarks print beside their timings)."""
+    return _first(("model name",), cpuinfo) or ""
 
 
 def bf16_unavailable() -> str | None:
